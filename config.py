@@ -1,0 +1,345 @@
+"""Configuration: dataclasses whose field docstrings are the `--help` text.
+
+Resolved once (defaults < --config_path YAML < command-line flags), validated once with every problem
+reported together, saved to RUN_DIR/config.yaml, and never mutated afterwards. Numbers that depend on the
+world size (per-device batch, accumulation steps) or on the data (log interval) are computed by methods.
+"""
+
+import math
+import sys
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, NoReturn, Optional, Sequence
+
+import simple_parsing
+import yaml
+
+DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
+LOGGERS = ("csv", "tensorboard", "wandb")
+LR_SCALING_RULES = ("none", "linear", "sqrt")
+OPTIMIZERS = ("adamw", "sgd")
+ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps", "tpu")
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp", "deepspeed", "dp")
+PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "transformer-engine")
+CHECKPOINT_CHOICES = ("best", "last", "final")
+
+# Fields that a `--resume` may not change: the checkpoint or the data split would no longer fit the run.
+RESUME_LOCKED = ("seed", "data.dataset", "arch.model", "optim.optimizer", "optim.eff_batch_size")
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for. Reported one line per problem, exit code 2, no traceback."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+@dataclass(frozen=True)
+class HardwareConfig:
+    """Where and how to run: passed straight to lightning.fabric.Fabric."""
+
+    accelerator: str = "auto"
+    """Accelerator: auto, cpu, cuda, gpu, mps or tpu."""
+    devices: str = "auto"
+    """Devices per node: a count (2), a list of ids (0,1), -1 for all, or auto."""
+    num_nodes: int = 1
+    """Number of nodes (machines)."""
+    strategy: str = "auto"
+    """Distribution strategy: auto, ddp, ddp_spawn, fsdp, deepspeed or dp."""
+    precision: str = "32-true"
+    """Numerical precision: 32-true, 16-mixed, bf16-mixed, 16-true, bf16-true or 64-true."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The dataset. Swap in your own in data.py."""
+
+    dataset: str = "digits"
+    """Dataset: digits (bundled with scikit-learn, offline), mnist, fashion_mnist or cifar10."""
+    data_dir: str = "data"
+    """Where torchvision datasets are stored (downloaded on first use when online)."""
+    num_workers: int = 0
+    """DataLoader worker processes per device. 0 loads in the main process, best for in-memory tensors."""
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """The network. Swap in your own in model.py."""
+
+    model: str = "cnn"
+    """Model: cnn (a small CNN for any of the datasets) or a torchvision classifier name (resnet18, vit_b_16, ...)."""
+    dropout: float = 0.1
+    """Dropout probability before the classifier layers."""
+    pretrained: bool = False
+    """Start a torchvision model from its default pretrained weights (downloaded on first use)."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Batch size, learning rate and optimizer."""
+
+    epochs: int = 10
+    """Number of training epochs."""
+    eff_batch_size: int = 64
+    """Global batch size per optimizer step, summed over all devices and accumulation steps."""
+    max_batch_size_per_device: int = 256
+    """Largest micro-batch one device runs; beyond it, gradients are accumulated."""
+    base_batch_size: int = 64
+    """The batch size that base_lr was tuned for."""
+    base_lr: float = 2e-3
+    """Learning rate at base_batch_size; scaled to eff_batch_size by lr_scaling_rule."""
+    lr: Optional[float] = None
+    """Learning rate to use as is, overriding base_lr and lr_scaling_rule."""
+    lr_scaling_rule: str = "linear"
+    """How the learning rate follows eff_batch_size: none, linear or sqrt."""
+    warmup: float = 1.0
+    """Linear warmup length in epochs (may be fractional); cosine decay to zero follows."""
+    optimizer: str = "adamw"
+    """Optimizer: adamw or sgd (momentum 0.9)."""
+    weight_decay: float = 0.01
+    """Weight decay."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this value; 0 disables clipping."""
+
+    def learning_rate(self) -> float:
+        """The learning rate used: `lr` when given, else base_lr scaled by the rule."""
+        if self.lr is not None:
+            return self.lr
+        ratio = self.eff_batch_size / self.base_batch_size
+        return self.base_lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[self.lr_scaling_rule]
+
+    def micro_batching(self, world_size: int) -> tuple[int, int]:
+        """(batch_size_per_device, grad_accum_steps), with batch_size_per_device * world_size *
+        grad_accum_steps == eff_batch_size exactly. Accumulates only when needed to stay within
+        max_batch_size_per_device, using the fewest steps that split the per-device share evenly."""
+        per_device, remainder = divmod(self.eff_batch_size, world_size)
+        if remainder or per_device == 0:
+            raise UsageError(
+                f"--eff_batch_size {self.eff_batch_size} is not divisible by the world size {world_size} "
+                f"(devices x nodes); use a multiple of {world_size}"
+            )
+        accum = math.ceil(per_device / self.max_batch_size_per_device)
+        while per_device % accum:
+            accum += 1
+        return per_device // accum, accum
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Logging and checkpoint cadence."""
+
+    log_interval: int = 10
+    """Log training metrics every N optimizer steps."""
+    log_per_epoch: int = 0
+    """If > 0, log this many times per epoch instead of every log_interval steps."""
+    checkpoint_frequency: int = 1
+    """Save a periodic checkpoint every N epochs."""
+    num_checkpoint_keep: int = 3
+    """How many periodic checkpoints to keep (best.ckpt and final.ckpt are kept besides)."""
+
+    def log_every_n_steps(self, steps_per_epoch: int) -> int:
+        if self.log_per_epoch > 0:
+            return max(1, steps_per_epoch // self.log_per_epoch)
+        return self.log_interval
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Train a classifier with Lightning Fabric. RUN_DIR = ROOT_DIR/YYYYmmdd-HHMMSS-OUT_DIR."""
+
+    seed: int = 42
+    """Random seed for initialisation, data splits and data order."""
+    project: str = "fabric-template"
+    """Project name (the wandb project)."""
+    comment: str = ""
+    """Free text describing this run; saved in config.yaml and logged."""
+    root_dir: str = "runs"
+    """Directory that holds all runs."""
+    out_dir: str = "run"
+    """Name suffix of this run's directory."""
+    resume: str = ""
+    """RUN_DIR of an earlier run to continue from its newest checkpoint, with its saved config."""
+    logger_name: list[str] = field(default_factory=lambda: ["csv"])
+    """Loggers, one or more of: csv, tensorboard, wandb."""
+    fast_run: bool = False
+    """Check the plumbing: 1 epoch of 2 optimizer steps, 2 validation and 2 test batches."""
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    arch: ArchConfig = field(default_factory=ArchConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def epochs(self) -> int:
+        return 1 if self.fast_run else self.optim.epochs
+
+
+@dataclass(frozen=True)
+class TestConfig:
+    """Evaluate a finished run on its test split, with the run's own saved config."""
+
+    out_dir: str = ""
+    """RUN_DIR of the run to evaluate (required)."""
+    checkpoint: str = "best"
+    """Which weights: best, last (newest periodic), final, or a path to a .ckpt file."""
+    accelerator: str = "auto"
+    """Accelerator: auto, cpu, cuda, gpu, mps or tpu."""
+    devices: str = "1"
+    """Devices to evaluate on; the test split is sharded without padding, so results do not change."""
+    batch_size: int = 256
+    """Batch size per device."""
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def validate(cfg: TrainConfig) -> list[str]:
+    """Every problem with a training config, one line each. Empty when the config is usable."""
+    problems = []
+
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    def one_of(flag: str, value: str, allowed: Sequence[str]) -> None:
+        check(value in allowed, f"--{flag} {value!r} is not one of: {', '.join(allowed)}")
+
+    hw, data, arch, opt, log = cfg.hardware, cfg.data, cfg.arch, cfg.optim, cfg.log
+    check(cfg.out_dir != "" and "/" not in cfg.out_dir and cfg.out_dir not in (".", ".."),
+          f"--out_dir {cfg.out_dir!r} must be a plain, non-empty directory name")
+    check(len(cfg.logger_name) > 0, "--logger_name needs at least one of: " + ", ".join(LOGGERS))
+    for name in cfg.logger_name:
+        one_of("logger_name", name, LOGGERS)
+    one_of("accelerator", hw.accelerator, ACCELERATORS)
+    devices_ok = hw.devices == "auto" or all(d.strip().lstrip("-").isdigit() for d in hw.devices.split(","))
+    check(devices_ok and hw.devices not in ("0", "-0"),
+          f"--devices {hw.devices!r} must be a positive count, a list of ids like 0,1, -1 or auto")
+    check(hw.num_nodes >= 1, f"--num_nodes {hw.num_nodes} must be >= 1")
+    one_of("strategy", hw.strategy, STRATEGIES)
+    one_of("precision", hw.precision, PRECISIONS)
+    one_of("dataset", data.dataset, DATASETS)
+    check(data.num_workers >= 0, f"--num_workers {data.num_workers} must be >= 0")
+    check(arch.model == "cnn" or arch.model in _torchvision_models(),
+          f"--model {arch.model!r} is not cnn or a torchvision classification model (e.g. resnet18, vit_b_16)")
+    check(0 <= arch.dropout < 1, f"--dropout {arch.dropout} must be in [0, 1)")
+    check(not (arch.pretrained and arch.model == "cnn"), "--pretrained needs a torchvision --model, not cnn")
+    check(opt.epochs >= 1, f"--epochs {opt.epochs} must be >= 1")
+    check(opt.eff_batch_size >= 1, f"--eff_batch_size {opt.eff_batch_size} must be >= 1")
+    check(opt.max_batch_size_per_device >= 1,
+          f"--max_batch_size_per_device {opt.max_batch_size_per_device} must be >= 1")
+    check(opt.base_batch_size >= 1, f"--base_batch_size {opt.base_batch_size} must be >= 1")
+    check(opt.base_lr > 0, f"--base_lr {opt.base_lr} must be > 0")
+    check(opt.lr is None or opt.lr > 0, f"--lr {opt.lr} must be > 0")
+    one_of("lr_scaling_rule", opt.lr_scaling_rule, LR_SCALING_RULES)
+    check(0 <= opt.warmup <= opt.epochs, f"--warmup {opt.warmup} must be between 0 and --epochs {opt.epochs}")
+    one_of("optimizer", opt.optimizer, OPTIMIZERS)
+    check(opt.weight_decay >= 0, f"--weight_decay {opt.weight_decay} must be >= 0")
+    check(opt.grad_clip >= 0, f"--grad_clip {opt.grad_clip} must be >= 0 (0 disables clipping)")
+    check(log.log_interval >= 1, f"--log_interval {log.log_interval} must be >= 1")
+    check(log.log_per_epoch >= 0, f"--log_per_epoch {log.log_per_epoch} must be >= 0")
+    check(log.checkpoint_frequency >= 1, f"--checkpoint_frequency {log.checkpoint_frequency} must be >= 1")
+    check(log.num_checkpoint_keep >= 1, f"--num_checkpoint_keep {log.num_checkpoint_keep} must be >= 1")
+    return problems
+
+
+def validate_test(cfg: TestConfig) -> list[str]:
+    problems = []
+    if not cfg.out_dir:
+        problems.append("--out_dir is required: the RUN_DIR of the run to evaluate")
+    if cfg.accelerator not in ACCELERATORS:
+        problems.append(f"--accelerator {cfg.accelerator!r} is not one of: {', '.join(ACCELERATORS)}")
+    if cfg.batch_size < 1:
+        problems.append(f"--batch_size {cfg.batch_size} must be >= 1")
+    return problems
+
+
+def _torchvision_models() -> list[str]:
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+# ------------------------------------------------------------------------------------------------- parsing
+
+
+class _Parser(simple_parsing.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line instead of argparse's usage block."""
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def _parse(config_class: type, argv: Optional[Sequence[str]], config_path: Optional[Path] = None,
+           prog: Optional[str] = None) -> Any:
+    parser = _Parser(prog=prog, add_config_path_arg=config_path is None, config_path=config_path,
+                     description=config_class.__doc__)
+    parser.add_arguments(config_class, dest="cfg")
+    try:
+        return parser.parse_args(argv).cfg
+    except (OSError, RuntimeError, ValueError, TypeError, yaml.YAMLError) as err:
+        # A config file that is missing, malformed, or has keys that are not config fields.
+        raise UsageError(f"config file: {' '.join(str(err).split())}") from None
+
+
+def parse_train_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    """Resolve the training config: defaults < --config_path < flags. With --resume RUN_DIR, the run's
+    saved config.yaml takes the place of the defaults, and flags may override it where that is safe."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = _parse(TrainConfig, argv)
+    if cfg.resume:
+        saved_path = Path(cfg.resume) / "config.yaml"
+        if not Path(cfg.resume).is_dir():
+            raise UsageError(f"--resume {cfg.resume!r}: no such run directory")
+        if not saved_path.is_file():
+            raise UsageError(f"--resume {cfg.resume!r} is not a run directory: it has no config.yaml")
+        if any(a == "--config_path" or a.startswith("--config_path=") for a in argv):
+            raise UsageError("--config_path cannot be combined with --resume, which uses the run's config.yaml")
+        saved = load_train_config(saved_path)
+        cfg = _parse(TrainConfig, argv, config_path=saved_path)
+        locked = [f"--{key.split('.')[-1]} {old!r} -> {new!r}" for key, (old, new) in overrides(saved, cfg).items()
+                  if key in RESUME_LOCKED]
+        if locked:
+            raise UsageError(f"--resume cannot change {', '.join(locked)}: the checkpoint would not fit. "
+                             "Start a new run instead")
+    problems = validate(cfg)
+    if problems:
+        raise UsageError(*problems)
+    return cfg
+
+
+def load_train_config(path: Path) -> TrainConfig:
+    """A run's saved config.yaml, validated (it may have been edited by hand)."""
+    cfg = _parse(TrainConfig, [], config_path=path)
+    problems = validate(cfg)
+    if problems:
+        raise UsageError(*(f"{path}: {p}" for p in problems))
+    return cfg
+
+
+def parse_test_config(argv: Optional[Sequence[str]] = None) -> TestConfig:
+    cfg = _parse(TestConfig, argv)
+    problems = validate_test(cfg)
+    if problems:
+        raise UsageError(*problems)
+    return cfg
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """{"optim.epochs": 10, ...} for a (nested) config dataclass."""
+    out = {}
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if is_dataclass(value):
+            out.update(flatten(value, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = value
+    return out
+
+
+def overrides(old: TrainConfig, new: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """Fields that differ between two configs, ignoring `resume` itself."""
+    a, b = flatten(old), flatten(new)
+    return {k: (a[k], b[k]) for k in a if a[k] != b[k] and k != "resume"}
+
+
+def to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(asdict(cfg), sort_keys=False)

@@ -1,0 +1,75 @@
+"""Evaluate a finished run on its test split, with the run's own saved config.
+
+    python test.py --out_dir RUN_DIR [--checkpoint best|last|final|PATH] [--devices N]
+
+Prints loss, accuracy and macro-F1, and writes RUN_DIR/test/metrics.json.
+"""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from lightning.fabric import Fabric
+
+import utils
+from config import CHECKPOINT_CHOICES, TestConfig, UsageError, load_train_config, parse_test_config
+from data import load_splits, make_eval_loader
+from model import build_model
+from train import evaluate
+
+
+def main(fabric: Fabric, cfg: TestConfig) -> None:
+    run_dir = Path(cfg.out_dir)
+    train_cfg = load_train_config(run_dir / "config.yaml")
+    checkpoint = find_checkpoint(run_dir, cfg.checkpoint)
+
+    with fabric.rank_zero_first(local=True):
+        _, _, test_set, info = load_splits(train_cfg.data, train_cfg.seed)
+    loader = make_eval_loader(test_set, cfg.batch_size, fabric.global_rank, fabric.world_size, train_cfg.data.num_workers)
+    loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)
+    with fabric.init_module():
+        model = build_model(replace(train_cfg.arch, pretrained=False), info)  # the checkpoint has the weights
+    model = fabric.setup(model)
+    state = {"model": model, "epoch": 0, "global_step": 0}
+    utils.load_checkpoint(fabric, checkpoint, state)
+
+    results = {"checkpoint": str(checkpoint), "epoch": state["epoch"], "global_step": state["global_step"],
+               "dataset": train_cfg.data.dataset, **evaluate(fabric, model, loader, info.num_classes)}
+    fabric.print(f"Test split of {train_cfg.data.dataset}: {results['num_samples']} samples, "
+                 f"{checkpoint} (epoch {state['epoch']}, step {state['global_step']})\n"
+                 f"  loss      {results['loss']:.4f}\n"
+                 f"  accuracy  {results['acc']:.4f}\n"
+                 f"  macro_f1  {results['macro_f1']:.4f}")
+    if fabric.is_global_zero:
+        out = run_dir / "test" / "metrics.json"
+        out.parent.mkdir(exist_ok=True)
+        utils.atomic_write_text(out, json.dumps(results, indent=2) + "\n")
+        print(f"Wrote {out}")
+
+
+def find_checkpoint(run_dir: Path, which: str) -> Path:
+    """best, final, last (the newest periodic checkpoint), or a path."""
+    if not run_dir.is_dir():
+        raise UsageError(f"--out_dir {str(run_dir)!r}: no such run directory")
+    if not (run_dir / "config.yaml").is_file():
+        raise UsageError(f"--out_dir {str(run_dir)!r} is not a run directory: it has no config.yaml")
+    ckpt_dir = run_dir / "checkpoints"
+    if which in ("best", "final"):
+        path = ckpt_dir / f"{which}.ckpt"
+    elif which == "last":
+        periodic = utils.periodic_checkpoints(ckpt_dir)
+        path = periodic[-1] if periodic else ckpt_dir / "step-*.ckpt"
+    else:
+        path = Path(which)
+    if not path.is_file():
+        raise UsageError(f"--checkpoint {which!r}: no checkpoint at {path} "
+                         f"(use {', '.join(CHECKPOINT_CHOICES)} or a path to a .ckpt file)")
+    return path
+
+
+if __name__ == "__main__":
+    with utils.exit_on_usage_error():
+        config = parse_test_config()
+        find_checkpoint(Path(config.out_dir), config.checkpoint)  # fail before any process starts
+        precision = load_train_config(Path(config.out_dir) / "config.yaml").hardware.precision
+        utils.make_fabric(config.accelerator, config.devices, precision=precision).launch(main, config)
