@@ -5,6 +5,7 @@ reported together, saved to RUN_DIR/config.yaml, and never mutated afterwards. N
 world size (per-device batch, accumulation steps) or on the data (log interval) are computed by methods.
 """
 
+import argparse
 import math
 import sys
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
@@ -268,16 +269,36 @@ class _Parser(simple_parsing.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def _parse(config_class: type, argv: Optional[Sequence[str]], config_path: Optional[Path] = None,
-           prog: Optional[str] = None) -> Any:
-    parser = _Parser(prog=prog, add_config_path_arg=config_path is None, config_path=config_path,
-                     description=config_class.__doc__)
+def _parse(config_class: type, argv: Optional[Sequence[str]], defaults_file: Optional[Path] = None) -> Any:
+    """Parse `argv` into `config_class`. Values from `defaults_file`, or from --config_path, replace the
+    defaults; flags on the command line override both."""
+    parser = _Parser(description=config_class.__doc__)
     parser.add_arguments(config_class, dest="cfg")
+    config_path = defaults_file
+    if config_class is TrainConfig:
+        parser.add_argument("--config_path", type=Path, help="YAML file of config values (the layout of a run's "
+                            "config.yaml); flags on the command line override it.")
+        pre_parser = argparse.ArgumentParser(add_help=False)
+        pre_parser.add_argument("--config_path", type=Path)
+        config_path = config_path or pre_parser.parse_known_args(argv)[0].config_path
     try:
+        if config_path is not None:
+            parser.set_defaults(cfg=_read_yaml(config_path))
         return parser.parse_args(argv).cfg
-    except (OSError, RuntimeError, ValueError, TypeError, yaml.YAMLError) as err:
-        # A config file that is missing, malformed, or has keys that are not config fields.
-        raise UsageError(f"config file: {' '.join(str(err).split())}") from None
+    except RuntimeError as err:  # keys in the file that are not config fields
+        raise UsageError(f"config file {config_path}: {' '.join(str(err).split())}") from None
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        values = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise UsageError(f"config file {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise UsageError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"config file {path} must hold a mapping of config fields, not {type(values).__name__}")
+    return values
 
 
 def parse_train_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
@@ -294,7 +315,7 @@ def parse_train_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
         if any(a == "--config_path" or a.startswith("--config_path=") for a in argv):
             raise UsageError("--config_path cannot be combined with --resume, which uses the run's config.yaml")
         saved = load_train_config(saved_path)
-        cfg = _parse(TrainConfig, argv, config_path=saved_path)
+        cfg = _parse(TrainConfig, argv, defaults_file=saved_path)
         locked = [f"--{key.split('.')[-1]} {old!r} -> {new!r}" for key, (old, new) in overrides(saved, cfg).items()
                   if key in RESUME_LOCKED]
         if locked:
@@ -308,7 +329,7 @@ def parse_train_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
 
 def load_train_config(path: Path) -> TrainConfig:
     """A run's saved config.yaml, validated (it may have been edited by hand)."""
-    cfg = _parse(TrainConfig, [], config_path=path)
+    cfg = _parse(TrainConfig, [], defaults_file=path)
     problems = validate(cfg)
     if problems:
         raise UsageError(*(f"{path}: {p}" for p in problems))

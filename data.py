@@ -71,7 +71,8 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset, Dataset, 
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))  # fixed, not the run seed
         num_test = int(len(labels) * DIGITS_TEST_FRACTION)
         test_idx, fit_idx = order[:num_test], order[num_test:]
-        fit_images, fit_labels, test_images, test_labels = images[fit_idx], labels[fit_idx], images[test_idx], labels[test_idx]
+        fit_images, fit_labels = images[fit_idx], labels[fit_idx]
+        test_images, test_labels = images[test_idx], labels[test_idx]
         scale, class_names = 16.0, tuple(str(i) for i in range(10))
     else:
         fit_images, fit_labels, class_names = _torchvision_arrays(cfg, train=True)
@@ -99,11 +100,12 @@ def _torchvision_arrays(cfg: DataConfig, train: bool) -> tuple[torch.Tensor, tor
                      "cifar10": torchvision.datasets.CIFAR10}[cfg.dataset]
     try:
         ds = dataset_class(cfg.data_dir, train=train, download=True)
-    except (RuntimeError, OSError) as err:  # offline, or a partial download
-        where = Path(cfg.data_dir) / (dataset_class.base_folder if cfg.dataset == "cifar10" else f"{dataset_class.__name__}/raw")
+    except (RuntimeError, OSError):  # offline, or a partial download
+        folder = dataset_class.base_folder if cfg.dataset == "cifar10" else f"{dataset_class.__name__}/raw"
+        where = Path(cfg.data_dir) / folder
         raise UsageError(
-            f"--dataset {cfg.dataset}: files not found in {where} and the download failed ({str(err).splitlines()[0]}). "
-            f"Without internet, copy the {dataset_class.__name__} files into {where}, or use --dataset digits"
+            f"--dataset {cfg.dataset}: the files are not in {where} and could not be downloaded (no internet?). "
+            f"Copy the {dataset_class.__name__} files there, or use --dataset digits"
         ) from None
     images = torch.as_tensor(ds.data)
     images = images.permute(0, 3, 1, 2) if images.ndim == 4 else images.unsqueeze(1)  # CIFAR is NHWC; MNIST is NHW

@@ -25,7 +25,8 @@ def main(fabric: Fabric, cfg: TestConfig) -> None:
 
     with fabric.rank_zero_first(local=True):
         _, _, test_set, info = load_splits(train_cfg.data, train_cfg.seed)
-    loader = make_eval_loader(test_set, cfg.batch_size, fabric.global_rank, fabric.world_size, train_cfg.data.num_workers)
+    loader = make_eval_loader(test_set, cfg.batch_size, fabric.global_rank, fabric.world_size,
+                              train_cfg.data.num_workers)
     loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)
     with fabric.init_module():
         model = build_model(replace(train_cfg.arch, pretrained=False), info)  # the checkpoint has the weights

@@ -25,13 +25,8 @@ FAST_RUN_BATCHES = 2  # --fast_run: optimizer steps per epoch, and validation/te
 
 
 def main(fabric: Fabric, cfg: TrainConfig) -> None:
-    run_dir = utils.create_run_dir(fabric, cfg)
-    ckpt_dir = run_dir / "checkpoints"
-    fabric._loggers = utils.make_loggers(cfg, run_dir)  # loggers need RUN_DIR, which exists only after launch
-    fabric.seed_everything(cfg.seed)
     batch_size, accum_steps = cfg.optim.micro_batching(fabric.world_size)  # per device, per optimizer step
     lr = cfg.optim.learning_rate()
-
     with fabric.rank_zero_first(local=True):  # a download happens once per node
         train_set, val_set, test_set, info = load_splits(cfg.data, cfg.seed)
     sampler = GlobalBatchSampler(len(train_set), cfg.optim.eff_batch_size, batch_size, fabric.global_rank,
@@ -44,6 +39,11 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
     # Our samplers already shard the data; Fabric only moves batches to the device.
     train_loader, val_loader = fabric.setup_dataloaders(train_loader, val_loader, use_distributed_sampler=False)
 
+    checkpoint = utils.resume_checkpoint(Path(cfg.resume)) if cfg.resume else None
+    run_dir = utils.create_run_dir(fabric, cfg)  # only now, when nothing above can fail
+    ckpt_dir = run_dir / "checkpoints"
+    fabric.seed_everything(cfg.seed)
+
     with fabric.init_module():
         model = build_model(cfg.arch, info)
     optimizer = make_optimizer(model, cfg.optim, lr)
@@ -54,16 +54,15 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "epoch": 0, "global_step": 0,
              "best_val_acc": -1.0, "config": asdict(cfg), "logger_ids": {"wandb": utils.wandb_run_id(run_dir)}}
 
-    if cfg.resume:
-        checkpoint = utils.resume_checkpoint(run_dir)
-        if checkpoint is None:
-            raise UsageError(f"--resume {cfg.resume!r} has no checkpoint to resume from in {ckpt_dir}")
+    if checkpoint is not None:
         utils.load_checkpoint(fabric, checkpoint, state)
         fabric.print(f"Resumed {run_dir} from {checkpoint.name}: epoch {state['epoch']}, step {state['global_step']}")
         if state["epoch"] >= epochs:
             fabric.print(f"The run already finished its {epochs} epochs; pass a larger --epochs to train further.")
             return
-    else:
+    # Loggers need RUN_DIR, which is known only after launch, and the step a resumed run continues from.
+    fabric._loggers = utils.make_loggers(cfg, run_dir, state["global_step"] if checkpoint else None)
+    if checkpoint is None:
         for logger in fabric.loggers:
             logger.log_hyperparams({**asdict(cfg), "world_size": fabric.world_size, "lr_used": lr,
                                     "batch_size_per_device": batch_size, "grad_accum_steps": accum_steps})
@@ -179,4 +178,6 @@ if __name__ == "__main__":
     with utils.exit_on_usage_error():
         config = parse_train_config()
         hw = config.hardware
-        utils.make_fabric(hw.accelerator, hw.devices, hw.num_nodes, hw.strategy, hw.precision).launch(main, config)
+        fabric = utils.make_fabric(hw.accelerator, hw.devices, hw.num_nodes, hw.strategy, hw.precision)
+        config.optim.micro_batching(fabric.world_size)  # a batch size that does not divide fails before launch
+        fabric.launch(main, config)

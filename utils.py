@@ -1,6 +1,8 @@
 """Setup and file bookkeeping for train.py and test.py: run directories, loggers, checkpoints, RNG state."""
 
 import contextlib
+import csv
+import io
 import os
 import random
 import re
@@ -8,13 +10,14 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from lightning.fabric import Fabric
 from lightning.fabric.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.loggers import CSVLogger  # Fabric's own CSVLogger cannot log hyperparameters
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from config import TrainConfig, UsageError, to_yaml
 
@@ -39,8 +42,9 @@ def make_fabric(accelerator: str, devices: str, num_nodes: int = 1, strategy: st
         return Fabric(accelerator=accelerator, devices=devices_arg, num_nodes=num_nodes, strategy=strategy,
                       precision=precision)
     except (ValueError, RuntimeError, TypeError) as err:  # e.g. --accelerator cuda on a machine without GPUs
-        raise UsageError(f"cannot start Fabric with --accelerator {accelerator} --devices {devices} --num_nodes "
-                         f"{num_nodes} --strategy {strategy} --precision {precision}: {' '.join(str(err).split())}") from None
+        flags = f"--accelerator {accelerator} --devices {devices} --num_nodes {num_nodes} --strategy {strategy}"
+        reason = " ".join(str(err).split())
+        raise UsageError(f"cannot start Fabric with {flags} --precision {precision}: {reason}") from None
 
 
 # ------------------------------------------------------------------------------------------- run directory
@@ -59,7 +63,8 @@ def create_run_dir(fabric: Fabric, cfg: TrainConfig) -> Path:
             run_dir = Path(cfg.resume)
         else:
             run_dir = _new_run_dir(Path(cfg.root_dir), cfg.out_dir)
-        config_path, text = run_dir / "config.yaml", to_yaml(replace(cfg, resume=""))  # how it was launched is not config
+        # The saved config describes the run; how this process was launched (--resume) is not part of it.
+        config_path, text = run_dir / "config.yaml", to_yaml(replace(cfg, resume=""))
         if not config_path.exists() or config_path.read_text() != text:
             atomic_write_text(config_path, text)
     return Path(fabric.broadcast(str(run_dir), src=0))
@@ -86,14 +91,16 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def make_loggers(cfg: TrainConfig, run_dir: Path) -> list[Logger]:
-    """Loggers writing under RUN_DIR/logs/<name>/. A resumed run appends to the same files and wandb run."""
+def make_loggers(cfg: TrainConfig, run_dir: Path, resume_step: int | None) -> list[Logger]:
+    """Loggers writing under RUN_DIR/logs/<name>/. A run resumed from `resume_step` continues the same files
+    (dropping what was logged after that step, before the interruption) and the same wandb run."""
     logs = run_dir / "logs"
     loggers: list[Logger] = []
     if "csv" in cfg.logger_name:
-        loggers.append(CSVLogger(save_dir=logs, name="csv", version="", flush_logs_every_n_steps=1))
+        loggers.append(ResumableCSVLogger(resume_step, save_dir=logs, name="csv", version=""))
     if "tensorboard" in cfg.logger_name:
-        loggers.append(TensorBoardLogger(root_dir=logs, name="tensorboard", version=""))
+        purge = {} if resume_step is None else {"purge_step": resume_step + 1}  # TensorBoard drops later events
+        loggers.append(TensorBoardLogger(root_dir=logs, name="tensorboard", version="", **purge))
     if "wandb" in cfg.logger_name:
         from lightning.pytorch.loggers import WandbLogger
 
@@ -101,6 +108,42 @@ def make_loggers(cfg: TrainConfig, run_dir: Path) -> list[Logger]:
         loggers.append(WandbLogger(project=cfg.project, name=run_dir.name, id=wandb_run_id(run_dir),
                                    save_dir=str(logs), resume="allow", notes=cfg.comment or None))
     return loggers
+
+
+class ResumableCSVLogger(CSVLogger):
+    """Lightning's CSVLogger deletes an existing metrics.csv when it starts; a resumed run appends instead."""
+
+    def __init__(self, resume_step: int | None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.resume_step = resume_step
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingCSVWriter(self.log_dir, self.resume_step)
+        return self._experiment
+
+
+class _AppendingCSVWriter(ExperimentWriter):
+    def __init__(self, log_dir: str, resume_step: int | None) -> None:
+        self.resume_step = resume_step
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        """Instead of deleting metrics.csv: keep its rows up to the resumed step, and its columns."""
+        path = Path(self.metrics_file_path)
+        if self.resume_step is None or not path.is_file():
+            return
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = [row for row in reader if int(row["step"]) <= self.resume_step]
+            self.metrics_keys = list(reader.fieldnames or [])
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=self.metrics_keys)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(path, buffer.getvalue())
 
 
 def wandb_run_id(run_dir: Path) -> str:
@@ -149,14 +192,16 @@ def prune_checkpoints(fabric: Fabric, ckpt_dir: Path, keep: int) -> None:
             path.unlink()
 
 
-def resume_checkpoint(run_dir: Path) -> Optional[Path]:
+def resume_checkpoint(run_dir: Path) -> Path:
     """The checkpoint a resumed run continues from: final.ckpt if training finished, else the newest periodic."""
     ckpt_dir = run_dir / "checkpoints"
     final = ckpt_dir / "final.ckpt"
     if final.exists():
         return final
     periodic = periodic_checkpoints(ckpt_dir)
-    return periodic[-1] if periodic else None
+    if not periodic:
+        raise UsageError(f"--resume {str(run_dir)!r} has no checkpoint to resume from in {ckpt_dir}")
+    return periodic[-1]
 
 
 def load_checkpoint(fabric: Fabric, path: Path, state: dict[str, Any]) -> None:
@@ -188,7 +233,8 @@ def capture_rng_states() -> dict[str, Any]:
 def restore_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
     n = states["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in states and torch.cuda.is_available():

@@ -1,0 +1,60 @@
+"""Bad input gets one `error:` line per problem, exit code 2, no traceback, and no file written."""
+
+import pytest
+
+from conftest import run_script, snapshot
+
+pytestmark = pytest.mark.slow
+
+
+def assert_usage_error(result, *expected_lines):
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == len(expected_lines), lines
+    for line, expected in zip(lines, expected_lines):
+        assert line.startswith("error: ") and expected in line, (line, expected)
+
+
+def test_bad_values_are_all_reported_at_once(tmp_path):
+    result = run_script("train.py", "--root_dir", str(tmp_path), "--lr", "-1", "--logger_name", "csv", "foo",
+                        "--dataset", "imagenet", "--model", "resnet9000")
+    assert_usage_error(result,
+                       "--logger_name 'foo' is not one of: csv, tensorboard, wandb",
+                       "--dataset 'imagenet' is not one of: digits, mnist, fashion_mnist, cifar10",
+                       "--model 'resnet9000' is not cnn or a torchvision classification model",
+                       "--lr -1.0 must be > 0")
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # no run dir was created
+
+
+def test_eff_batch_size_not_divisible_by_world_size(tmp_path):
+    result = run_script("train.py", "--root_dir", str(tmp_path), "--accelerator", "cpu", "--devices", "3",
+                        "--eff_batch_size", "64")
+    assert_usage_error(result, "--eff_batch_size 64 is not divisible by the world size 3 (devices x nodes)")
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--epochs", "three"], "argument --epochs: invalid int value: 'three'"),
+    (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag 1"),
+])
+def test_unknown_flags_and_wrong_types(tmp_path, args, message):
+    assert_usage_error(run_script("train.py", "--root_dir", str(tmp_path), *args), message)
+
+
+def test_resume_path_that_is_not_a_run(tmp_path):
+    assert_usage_error(run_script("train.py", "--resume", str(tmp_path / "nope")), "no such run directory")
+    assert_usage_error(run_script("train.py", "--resume", str(tmp_path)), "is not a run directory: it has no config.yaml")
+
+
+def test_test_py_bad_run_dir_and_checkpoint(default_run, tmp_path):
+    run_dir, _ = default_run
+    before = snapshot(run_dir)
+    assert_usage_error(run_script("test.py", "--out_dir", str(tmp_path / "nope")), "no such run directory")
+    assert_usage_error(run_script("test.py", "--out_dir", str(run_dir), "--checkpoint", "nowhere.ckpt"),
+                       "--checkpoint 'nowhere.ckpt': no checkpoint at nowhere.ckpt (use best, last, final or a path")
+    not_a_checkpoint = tmp_path / "notes.ckpt"
+    not_a_checkpoint.write_text("not a checkpoint")
+    assert_usage_error(run_script("test.py", "--out_dir", str(run_dir), "--checkpoint", str(not_a_checkpoint)),
+                       f"cannot load checkpoint {not_a_checkpoint}")
+    assert snapshot(run_dir) == before

@@ -1,0 +1,191 @@
+"""Config resolution, validation and the derived batch-size and learning-rate numbers."""
+
+import math
+from dataclasses import fields, is_dataclass
+
+import pytest
+
+from config import (
+    LogConfig,
+    OptimConfig,
+    TrainConfig,
+    UsageError,
+    _Parser,
+    flatten,
+    parse_test_config,
+    parse_train_config,
+    validate,
+)
+
+# Every train.py flag that fabric-demo users know, with a value and the config field it must land in.
+TRAIN_FLAGS = [
+    ("--accelerator", "cpu", "hardware.accelerator", "cpu"),
+    ("--devices", "2", "hardware.devices", "2"),
+    ("--num_nodes", "2", "hardware.num_nodes", 2),
+    ("--strategy", "ddp", "hardware.strategy", "ddp"),
+    ("--precision", "bf16-mixed", "hardware.precision", "bf16-mixed"),
+    ("--seed", "7", "seed", 7),
+    ("--project", "p", "project", "p"),
+    ("--comment", "a b", "comment", "a b"),
+    ("--root_dir", "somewhere", "root_dir", "somewhere"),
+    ("--out_dir", "exp", "out_dir", "exp"),
+    ("--dataset", "mnist", "data.dataset", "mnist"),
+    ("--data_dir", "d", "data.data_dir", "d"),
+    ("--num_workers", "2", "data.num_workers", 2),
+    ("--model", "resnet18", "arch.model", "resnet18"),
+    ("--dropout", "0.3", "arch.dropout", 0.3),
+    ("--epochs", "5", "optim.epochs", 5),
+    ("--eff_batch_size", "128", "optim.eff_batch_size", 128),
+    ("--max_batch_size_per_device", "32", "optim.max_batch_size_per_device", 32),
+    ("--base_batch_size", "32", "optim.base_batch_size", 32),
+    ("--base_lr", "0.01", "optim.base_lr", 0.01),
+    ("--lr", "0.05", "optim.lr", 0.05),
+    ("--lr_scaling_rule", "sqrt", "optim.lr_scaling_rule", "sqrt"),
+    ("--warmup", "0.5", "optim.warmup", 0.5),
+    ("--optimizer", "sgd", "optim.optimizer", "sgd"),
+    ("--weight_decay", "0.1", "optim.weight_decay", 0.1),
+    ("--grad_clip", "0", "optim.grad_clip", 0.0),
+    ("--log_interval", "3", "log.log_interval", 3),
+    ("--log_per_epoch", "4", "log.log_per_epoch", 4),
+    ("--checkpoint_frequency", "5", "log.checkpoint_frequency", 5),
+    ("--num_checkpoint_keep", "2", "log.num_checkpoint_keep", 2),
+]
+
+
+@pytest.mark.parametrize(("flag", "value", "key", "expected"), TRAIN_FLAGS)
+def test_fabric_demo_flags_are_spelled_the_same(flag, value, key, expected):
+    assert flatten(parse_train_config([flag, value]))[key] == expected
+
+
+def test_boolean_list_and_resume_flags():
+    cfg = parse_train_config(["--fast_run", "--pretrained", "--model", "resnet18",
+                              "--logger_name", "csv", "tensorboard", "wandb"])
+    assert cfg.fast_run and cfg.arch.pretrained
+    assert cfg.logger_name == ["csv", "tensorboard", "wandb"]
+
+
+def test_test_py_flags():
+    cfg = parse_test_config(["--out_dir", "r", "--checkpoint", "final", "--accelerator", "cpu", "--devices", "2",
+                             "--batch_size", "64"])
+    assert (cfg.out_dir, cfg.checkpoint, cfg.accelerator, cfg.devices, cfg.batch_size) == ("r", "final", "cpu", "2", 64)
+
+
+def test_config_file_sets_values_and_command_line_flags_override_it(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("optim:\n  epochs: 3\n  base_lr: 0.5\ncomment: from file\n")
+    cfg = parse_train_config(["--config_path", str(path), "--epochs", "7"])
+    assert cfg.optim.epochs == 7  # the flag wins
+    assert cfg.optim.base_lr == 0.5 and cfg.comment == "from file"  # the file beats the defaults
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    ("optim:\n  epochz: 3\n", "epochz"),  # unknown key
+    ("optim: [unclosed\n", "config file"),  # malformed YAML
+])
+def test_bad_config_file_is_a_usage_error(tmp_path, content, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    with pytest.raises(UsageError, match=needle):
+        parse_train_config(["--config_path", str(path)])
+
+
+def test_missing_config_file_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="config file"):
+        parse_train_config(["--config_path", str(tmp_path / "nope.yaml")])
+
+
+def test_every_field_has_a_docstring_that_is_its_help_text():
+    help_text = " ".join(_help(TrainConfig).split())
+
+    def docstrings(cls):
+        import simple_parsing.docstring as ds
+
+        for f in fields(cls):
+            if is_dataclass(f.type):
+                yield from docstrings(f.type)
+            else:
+                doc = ds.get_attribute_docstring(cls, f.name).docstring_below
+                assert doc, f"{cls.__name__}.{f.name} has no docstring"
+                yield f.name, " ".join(doc.split())
+
+    for name, doc in docstrings(TrainConfig):
+        assert f"--{name}" in help_text and doc in help_text, name
+
+
+def _help(cls) -> str:
+    parser = _Parser()
+    parser.add_arguments(cls, dest="cfg")
+    parser.parse_known_args([])  # simple_parsing adds the arguments when it first parses
+    return parser.format_help()
+
+
+def test_config_is_frozen():
+    cfg = TrainConfig()
+    with pytest.raises(AttributeError):
+        cfg.optim.epochs = 3  # type: ignore[misc]
+
+
+def test_every_problem_is_reported_at_once():
+    problems = validate(_unvalidated(["--lr", "-1", "--logger_name", "foo", "--dataset", "bar", "--model", "nope",
+                                      "--epochs", "0", "--warmup", "-1"]))
+    expected = ["--lr -1.0 must be > 0", "--logger_name 'foo' is not one of: csv, tensorboard, wandb",
+                "--dataset 'bar' is not one of", "--model 'nope' is not cnn or a torchvision",
+                "--epochs 0 must be >= 1", "--warmup -1.0 must be between 0"]
+    assert len(problems) == len(expected)
+    for needle in expected:
+        assert any(needle in p for p in problems), needle
+
+
+def _unvalidated(argv: list[str]) -> TrainConfig:
+    parser = _Parser()
+    parser.add_arguments(TrainConfig, dest="cfg")
+    return parser.parse_args(argv).cfg
+
+
+# (eff_batch_size, world_size, max_batch_size_per_device) -> (batch_size_per_device, grad_accum_steps)
+MICRO_BATCHING = [
+    ((64, 1, 256), (64, 1)),
+    ((64, 2, 256), (32, 1)),
+    ((64, 8, 256), (8, 1)),
+    ((64, 1, 32), (32, 2)),  # accumulate only because 64 > 32
+    ((64, 2, 32), (32, 1)),  # two devices hold it without accumulating
+    ((512, 4, 64), (64, 2)),
+    ((96, 2, 16), (16, 3)),
+    ((100, 1, 40), (25, 4)),  # ceil(100 / 40) = 3 does not divide 100: the next that does, 4
+    ((1024, 16, 1024), (64, 1)),
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), MICRO_BATCHING)
+def test_micro_batching_is_exact_for_any_world_size(args, expected):
+    eff, world, max_per_device = args
+    per_device, accum = OptimConfig(eff_batch_size=eff, max_batch_size_per_device=max_per_device).micro_batching(world)
+    assert (per_device, accum) == expected
+    assert per_device * world * accum == eff
+    assert per_device <= max_per_device
+
+
+@pytest.mark.parametrize(("eff", "world"), [(64, 3), (10, 4), (2, 4)])
+def test_eff_batch_not_divisible_by_world_size_is_a_clear_error(eff, world):
+    with pytest.raises(UsageError, match=f"--eff_batch_size {eff} is not divisible by the world size {world}"):
+        OptimConfig(eff_batch_size=eff).micro_batching(world)
+
+
+@pytest.mark.parametrize(("rule", "eff", "expected"), [
+    ("linear", 256, 4e-3), ("linear", 32, 0.5e-3),
+    ("sqrt", 256, 2e-3), ("sqrt", 16, 0.5e-3),
+    ("none", 256, 1e-3),
+])
+def test_lr_scaling_rules(rule, eff, expected):
+    opt = OptimConfig(base_lr=1e-3, base_batch_size=64, eff_batch_size=eff, lr_scaling_rule=rule)
+    assert math.isclose(opt.learning_rate(), expected)
+
+
+def test_explicit_lr_wins_over_the_scaling_rule():
+    assert OptimConfig(base_lr=1e-3, eff_batch_size=256, lr=0.3).learning_rate() == 0.3
+
+
+def test_log_interval_or_log_per_epoch():
+    assert LogConfig(log_interval=7).log_every_n_steps(steps_per_epoch=20) == 7
+    assert LogConfig(log_per_epoch=4).log_every_n_steps(steps_per_epoch=20) == 5
+    assert LogConfig(log_per_epoch=50).log_every_n_steps(steps_per_epoch=20) == 1
