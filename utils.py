@@ -97,7 +97,9 @@ def make_loggers(cfg: TrainConfig, run_dir: Path, resume_step: int | None) -> li
     logs = run_dir / "logs"
     loggers: list[Logger] = []
     if "csv" in cfg.logger_name:
-        loggers.append(ResumableCSVLogger(resume_step, save_dir=logs, name="csv", version=""))
+        # Written at every log call (once per log interval), so a killed run keeps its log up to the kill.
+        csv_logger = ResumableCSVLogger(resume_step, save_dir=logs, name="csv", version="", flush_logs_every_n_steps=1)
+        loggers.append(csv_logger)
     if "tensorboard" in cfg.logger_name:
         purge = {} if resume_step is None else {"purge_step": resume_step + 1}  # TensorBoard drops later events
         loggers.append(TensorBoardLogger(root_dir=logs, name="tensorboard", version="", **purge))

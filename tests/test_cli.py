@@ -1,7 +1,6 @@
 """Bad input gets one `error:` line per problem, exit code 2, no traceback, and no file written."""
 
 import pytest
-
 from conftest import run_script, snapshot
 
 pytestmark = pytest.mark.slow
@@ -44,7 +43,8 @@ def test_unknown_flags_and_wrong_types(tmp_path, args, message):
 
 def test_resume_path_that_is_not_a_run(tmp_path):
     assert_usage_error(run_script("train.py", "--resume", str(tmp_path / "nope")), "no such run directory")
-    assert_usage_error(run_script("train.py", "--resume", str(tmp_path)), "is not a run directory: it has no config.yaml")
+    assert_usage_error(run_script("train.py", "--resume", str(tmp_path)),
+                       "is not a run directory: it has no config.yaml")
 
 
 def test_test_py_bad_run_dir_and_checkpoint(default_run, tmp_path):
