@@ -44,7 +44,7 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
     ckpt_dir = run_dir / "checkpoints"
     fabric.seed_everything(cfg.seed)
 
-    with fabric.init_module():
+    with fabric.rank_zero_first(local=True), fabric.init_module():  # --pretrained weights: one download per node
         model = build_model(cfg.arch, info)
     optimizer = make_optimizer(model, cfg.optim, lr)
     model, optimizer = fabric.setup(model, optimizer)
