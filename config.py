@@ -7,8 +7,10 @@ world size (per-device batch, accumulation steps) or on the data (log interval) 
 
 import argparse
 import math
+import os
+import re
 import sys
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, NoReturn, Optional, Sequence
 
@@ -30,6 +32,8 @@ RESUME_LOCKED = ("seed", "data.dataset", "arch.model", "optim.optimizer", "optim
 
 class UsageError(Exception):
     """A problem with what the user asked for. Reported one line per problem, exit code 2, no traceback."""
+
+    exit_code = 2
 
     def __init__(self, *problems: str) -> None:
         super().__init__("\n".join(problems))
@@ -136,6 +140,8 @@ class LogConfig:
     """If > 0, log this many times per epoch instead of every log_interval steps."""
     checkpoint_frequency: int = 1
     """Save a periodic checkpoint every N epochs."""
+    checkpoint_every_n_steps: int = 0
+    """Also save a periodic checkpoint every N optimizer steps, mid-epoch included; 0 disables."""
     num_checkpoint_keep: int = 3
     """How many periodic checkpoints to keep (best.ckpt and final.ckpt are kept besides)."""
 
@@ -160,7 +166,10 @@ class TrainConfig:
     out_dir: str = "run"
     """Name suffix of this run's directory."""
     resume: str = ""
-    """RUN_DIR of an earlier run to continue from its newest checkpoint, with its saved config."""
+    """RUN_DIR of an earlier run to continue from its newest checkpoint, with its saved config; or auto: the
+    newest unfinished run under root_dir named *-OUT_DIR, else a new run."""
+    requeue: bool = False
+    """Under SLURM, after a signal-triggered checkpoint, requeue the job (scontrol requeue $SLURM_JOB_ID)."""
     logger_name: list[str] = field(default_factory=lambda: ["csv"])
     """Loggers, one or more of: csv, tensorboard, wandb."""
     fast_run: bool = False
@@ -239,6 +248,8 @@ def validate(cfg: TrainConfig) -> list[str]:
     check(log.log_interval >= 1, f"--log_interval {log.log_interval} must be >= 1")
     check(log.log_per_epoch >= 0, f"--log_per_epoch {log.log_per_epoch} must be >= 0")
     check(log.checkpoint_frequency >= 1, f"--checkpoint_frequency {log.checkpoint_frequency} must be >= 1")
+    check(log.checkpoint_every_n_steps >= 0,
+          f"--checkpoint_every_n_steps {log.checkpoint_every_n_steps} must be >= 0 (0 disables)")
     check(log.num_checkpoint_keep >= 1, f"--num_checkpoint_keep {log.num_checkpoint_keep} must be >= 1")
     return problems
 
@@ -274,6 +285,7 @@ def _parse(config_class: type, argv: Optional[Sequence[str]], defaults_file: Opt
     defaults; flags on the command line override both."""
     parser = _Parser(description=config_class.__doc__)
     parser.add_arguments(config_class, dest="cfg")
+    parser.add_argument("--debug", action="store_true", help="On an error, show the full traceback.")
     config_path = defaults_file
     if config_class is TrainConfig:
         parser.add_argument("--config_path", type=Path, help="YAML file of config values (the layout of a run's "
@@ -306,6 +318,12 @@ def parse_train_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     saved config.yaml takes the place of the defaults, and flags may override it where that is safe."""
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = _parse(TrainConfig, argv)
+    if cfg.resume == "auto":
+        run_dir = _auto_resume_dir(cfg)
+        if not run_dir:
+            return _validated(replace(cfg, resume=""))
+        argv = argv + ["--resume", run_dir]  # the last occurrence of a flag wins
+        cfg = replace(cfg, resume=run_dir)
     if cfg.resume:
         saved_path = Path(cfg.resume) / "config.yaml"
         if not Path(cfg.resume).is_dir():
@@ -321,10 +339,42 @@ def parse_train_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
         if locked:
             raise UsageError(f"--resume cannot change {', '.join(locked)}: the checkpoint would not fit. "
                              "Start a new run instead")
+    return _validated(cfg)
+
+
+def _validated(cfg: TrainConfig) -> TrainConfig:
     problems = validate(cfg)
     if problems:
         raise UsageError(*problems)
     return cfg
+
+
+AUTO_RESUME_ENV = "TEMPLATE_AUTO_RESUME_DIR"
+
+
+def _auto_resume_dir(cfg: TrainConfig) -> str:
+    """--resume auto: the newest run under root_dir named YYYYmmdd-HHMMSS-OUT_DIR, if it has not finished
+    (no checkpoints/final.ckpt) and has a checkpoint; "" for a new run.
+
+    Decided once, in the process that launches the others: Fabric's launcher passes the environment on to
+    the processes it starts, which must not look again (rank 0 may have created a new run dir meanwhile)."""
+    if AUTO_RESUME_ENV in os.environ:
+        return os.environ[AUTO_RESUME_ENV]
+    pattern = re.compile(rf"^\d{{8}}-\d{{6}}-{re.escape(cfg.out_dir)}$")
+    root = Path(cfg.root_dir)
+    runs = sorted(p for p in root.glob(f"*-{cfg.out_dir}") if pattern.match(p.name)) if root.is_dir() else []
+    if not runs:
+        decision, message = "", f"no run named *-{cfg.out_dir} under {root}: starting a new run"
+    elif (runs[-1] / "checkpoints" / "final.ckpt").exists():
+        decision, message = "", f"the newest run {runs[-1]} has finished: starting a new run"
+    elif not list((runs[-1] / "checkpoints").glob("step-*.ckpt")):
+        decision, message = "", f"the newest run {runs[-1]} has no checkpoint yet: starting a new run"
+    else:
+        decision, message = str(runs[-1]), f"resuming the newest unfinished run {runs[-1]}"
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":  # torchrun and SLURM start every rank
+        print(f"--resume auto: {message}", flush=True)
+    os.environ[AUTO_RESUME_ENV] = decision
+    return decision
 
 
 def load_train_config(path: Path) -> TrainConfig:

@@ -159,12 +159,14 @@ def _collate_fn(dataset: Dataset):  # noqa: ANN202
 
 
 def make_train_loader(dataset: Dataset, sampler: GlobalBatchSampler, num_workers: int) -> DataLoader:
+    # Its own generator: creating an iterator then draws no number from the global RNG, which a resumed run
+    # must find exactly as the checkpoint left it.
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=_collate_fn(dataset),
-                      persistent_workers=num_workers > 0)
+                      persistent_workers=num_workers > 0, generator=torch.Generator())
 
 
 def make_eval_loader(dataset: Dataset, batch_size: int, rank: int, world_size: int, num_workers: int) -> DataLoader:
     """Rank r evaluates samples r, r + world_size, ...: every sample exactly once, with no padding, so
     metrics summed over ranks equal the single-device ones."""
     return DataLoader(dataset, batch_size=batch_size, sampler=range(rank, len(dataset), world_size),
-                      num_workers=num_workers, collate_fn=_collate_fn(dataset))
+                      num_workers=num_workers, collate_fn=_collate_fn(dataset), generator=torch.Generator())

@@ -68,9 +68,14 @@ def find_checkpoint(run_dir: Path, which: str) -> Path:
     return path
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> None:
+    """`python test.py ...`: exit code 0 when done, 2 for bad input."""
     with utils.exit_on_usage_error():
-        config = parse_test_config()
-        find_checkpoint(Path(config.out_dir), config.checkpoint)  # fail before any process starts
-        precision = load_train_config(Path(config.out_dir) / "config.yaml").hardware.precision
-        utils.make_fabric(config.accelerator, config.devices, precision=precision).launch(main, config)
+        cfg = parse_test_config(argv)
+        find_checkpoint(Path(cfg.out_dir), cfg.checkpoint)  # fail before any process starts
+        precision = load_train_config(Path(cfg.out_dir) / "config.yaml").hardware.precision
+        utils.make_fabric(cfg.accelerator, cfg.devices, precision=precision).launch(main, cfg)
+
+
+if __name__ == "__main__":
+    cli()

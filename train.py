@@ -39,11 +39,7 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
     # Our samplers already shard the data; Fabric only moves batches to the device.
     train_loader, val_loader = fabric.setup_dataloaders(train_loader, val_loader, use_distributed_sampler=False)
 
-    checkpoint = utils.resume_checkpoint(Path(cfg.resume)) if cfg.resume else None
-    run_dir = utils.create_run_dir(fabric, cfg)  # only now, when nothing above can fail
-    ckpt_dir = run_dir / "checkpoints"
     fabric.seed_everything(cfg.seed)
-
     with fabric.rank_zero_first(local=True), fabric.init_module():  # --pretrained weights: one download per node
         model = build_model(cfg.arch, info)
     optimizer = make_optimizer(model, cfg.optim, lr)
@@ -51,78 +47,98 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
     steps_per_epoch, epochs = sampler.steps_per_epoch, cfg.epochs()
     scheduler = warmup_cosine(optimizer, round(cfg.optim.warmup * steps_per_epoch), epochs * steps_per_epoch)
     # Everything fabric.save/fabric.load touch: objects with a state_dict, tensors and plain Python values.
-    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "epoch": 0, "global_step": 0,
-             "best_val_acc": -1.0, "config": asdict(cfg), "logger_ids": {"wandb": utils.wandb_run_id(run_dir)}}
-
-    if checkpoint is not None:
-        utils.load_checkpoint(fabric, checkpoint, state)
-        fabric.print(f"Resumed {run_dir} from {checkpoint.name}: epoch {state['epoch']}, step {state['global_step']}")
+    # sample_offset is the position in the current epoch, in samples, so it holds at any world size.
+    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "epoch": 0, "sample_offset": 0,
+             "global_step": 0, "best_val_acc": -1.0, "loss_sum": torch.zeros((), device=fabric.device),
+             "loss_count": 0, "config": asdict(cfg)}
+    if cfg.resume:
+        checkpoint = utils.load_newest_checkpoint(fabric, Path(cfg.resume), state)
+        state["loss_sum"] = state["loss_sum"].to(fabric.device)  # checkpoints load onto the CPU
+        fabric.print(f"Resuming {cfg.resume} from {checkpoint.name}: epoch {state['epoch']}, "
+                     f"step {state['global_step']}")
         if state["epoch"] >= epochs:
             fabric.print(f"The run already finished its {epochs} epochs; pass a larger --epochs to train further.")
             return
-    # Loggers need RUN_DIR, which is known only after launch, and the step a resumed run continues from.
-    fabric._loggers = utils.make_loggers(cfg, run_dir, state["global_step"] if checkpoint else None)
-    if checkpoint is None:
+
+    run_dir = utils.create_run_dir(fabric, cfg)  # only now, when nothing above can fail
+    ckpt_dir = run_dir / "checkpoints"
+    state["logger_ids"] = {"wandb": utils.wandb_run_id(run_dir)}
+    # Loggers need RUN_DIR, known only after launch, and the step a resumed run continues from.
+    fabric._loggers = utils.make_loggers(cfg, run_dir, state["global_step"] if cfg.resume else None)
+    if not cfg.resume:
         for logger in fabric.loggers:
             logger.log_hyperparams({**asdict(cfg), "world_size": fabric.world_size, "lr_used": lr,
                                     "batch_size_per_device": batch_size, "grad_accum_steps": accum_steps})
-
     num_params = sum(p.numel() for p in model.parameters())
     fabric.print(f"Run dir: {run_dir}\n"
                  f"{fabric.world_size} device(s) x {batch_size} samples x {accum_steps} accumulation step(s) "
                  f"= {cfg.optim.eff_batch_size} per optimizer step | lr {lr:.4g} | {fabric.device}, "
                  f"{cfg.hardware.precision} | {num_params:,} parameters")
 
-    log_every = cfg.log.log_every_n_steps(steps_per_epoch)
-    loss_sum, loss_count = torch.zeros((), device=fabric.device), 0  # summed on device: no sync per step
-    pbar = tqdm(total=epochs * steps_per_epoch, initial=state["global_step"], disable=not fabric.is_global_zero,
-                desc="train", unit="step", dynamic_ncols=True)
-    start = time.perf_counter()
-    for epoch in range(state["epoch"], epochs):
-        model.train()
-        sampler.set_position(epoch)
-        for micro_step, (x, y) in enumerate(train_loader):
-            is_accumulating = (micro_step + 1) % accum_steps != 0
-            with fabric.no_backward_sync(model, enabled=is_accumulating):  # all-reduce only on the last micro-batch
-                loss = F.cross_entropy(model(x), y)
-                fabric.backward(loss / accum_steps)
-            loss_sum += loss.detach()
-            loss_count += 1
-            if is_accumulating:
-                continue
-            if cfg.optim.grad_clip > 0:
-                fabric.clip_gradients(model, optimizer, max_norm=cfg.optim.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            state["global_step"] += 1
-            pbar.update()
-
-            if state["global_step"] % log_every == 0:
-                train_loss = fabric.all_reduce(loss_sum / loss_count).item()  # the only CPU-device sync
-                fabric.log_dict({"train/loss": train_loss, "lr": scheduler.get_last_lr()[0], "epoch": epoch},
-                                step=state["global_step"])
-                pbar.set_postfix(epoch=epoch + 1, loss=f"{train_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.3g}")
-                loss_sum.zero_()
-                loss_count = 0
-
-        val = evaluate(fabric, model, val_loader, info.num_classes, FAST_RUN_BATCHES if cfg.fast_run else None)
-        state["epoch"] = epoch + 1
-        fabric.log_dict({"val/loss": val["loss"], "val/acc": val["acc"], "epoch": epoch}, step=state["global_step"])
-        if fabric.is_global_zero:
-            pbar.write(f"epoch {epoch + 1}/{epochs}  step {state['global_step']}  val loss {val['loss']:.4f}  "
-                       f"val acc {val['acc']:.4f}")
-        if val["acc"] > state["best_val_acc"]:
-            state["best_val_acc"] = val["acc"]
-            utils.save_checkpoint(fabric, ckpt_dir / "best.ckpt", state)
-        if state["epoch"] % cfg.log.checkpoint_frequency == 0:
-            utils.save_checkpoint(fabric, ckpt_dir / f"step-{state['global_step']:08d}.ckpt", state)
+    def save_checkpoint(name: str) -> None:
+        # The ranks' partial loss sums become their mean: the same logged value, at any world size after a resume.
+        state["loss_sum"] = fabric.all_reduce(state["loss_sum"], reduce_op="mean")
+        utils.save_checkpoint(fabric, ckpt_dir / name, state)
+        if name.startswith("step-"):
             utils.prune_checkpoints(fabric, ckpt_dir, cfg.log.num_checkpoint_keep)
-    pbar.close()
 
-    utils.save_checkpoint(fabric, ckpt_dir / "final.ckpt", state)
-    for logger in fabric.loggers:
-        logger.finalize("success")
+    log_every, ckpt_every = cfg.log.log_every_n_steps(steps_per_epoch), cfg.log.checkpoint_every_n_steps
+    stop = utils.StopSignals()
+    start = time.perf_counter()
+    with tqdm(total=epochs * steps_per_epoch, initial=state["global_step"], disable=not fabric.is_global_zero,
+              desc="train", unit="step", dynamic_ncols=True) as pbar:
+        for epoch in range(state["epoch"], epochs):
+            model.train()
+            sampler.set_position(epoch, state["sample_offset"])  # we own the epoch, not Fabric's dataloader wrapper
+            for micro_step, (x, y) in enumerate(train_loader):
+                is_accumulating = (micro_step + 1) % accum_steps != 0
+                with fabric.no_backward_sync(model, enabled=is_accumulating):  # all-reduce only on the last micro-batch
+                    loss = F.cross_entropy(model(x), y)
+                    fabric.backward(loss / accum_steps)
+                state["loss_sum"] += loss.detach()  # summed on the device: no sync per step
+                state["loss_count"] += 1
+                if is_accumulating:
+                    continue
+                if cfg.optim.grad_clip > 0:
+                    fabric.clip_gradients(model, optimizer, max_norm=cfg.optim.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                state["global_step"] += 1
+                state["sample_offset"] += cfg.optim.eff_batch_size
+                pbar.update()
+
+                if state["global_step"] % log_every == 0:
+                    train_loss = fabric.all_reduce(state["loss_sum"] / state["loss_count"]).item()  # the CPU sync
+                    if not math.isfinite(train_loss):
+                        raise utils.NonFiniteLoss(f"the training loss is {train_loss} at step {state['global_step']}")
+                    fabric.log_dict({"train/loss": train_loss, "lr": scheduler.get_last_lr()[0], "epoch": epoch},
+                                    step=state["global_step"])
+                    pbar.set_postfix(epoch=epoch + 1, loss=f"{train_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.3g}")
+                    state["loss_sum"].zero_()
+                    state["loss_count"] = 0
+                signum = stop.agreed(fabric)
+                if signum or (ckpt_every and state["global_step"] % ckpt_every == 0):
+                    save_checkpoint(f"step-{state['global_step']:08d}.ckpt")
+                if signum:
+                    raise utils.Preempted(signum, run_dir)
+
+            val = evaluate(fabric, model, val_loader, info.num_classes, FAST_RUN_BATCHES if cfg.fast_run else None)
+            state["epoch"], state["sample_offset"] = epoch + 1, 0
+            fabric.log_dict({"val/loss": val["loss"], "val/acc": val["acc"], "epoch": epoch}, step=state["global_step"])
+            if fabric.is_global_zero:
+                pbar.write(f"epoch {epoch + 1}/{epochs}  step {state['global_step']}  val loss {val['loss']:.4f}  "
+                           f"val acc {val['acc']:.4f}")
+            if val["acc"] > state["best_val_acc"]:
+                state["best_val_acc"] = val["acc"]
+                save_checkpoint("best.ckpt")
+            signum = stop.agreed(fabric)
+            if signum or state["epoch"] % cfg.log.checkpoint_frequency == 0:
+                save_checkpoint(f"step-{state['global_step']:08d}.ckpt")
+            if signum:
+                raise utils.Preempted(signum, run_dir)
+
+    save_checkpoint("final.ckpt")
     fabric.print(f"Finished in {time.perf_counter() - start:.1f}s: best val acc {state['best_val_acc']:.4f}\n"
                  f"Run dir: {run_dir}\nEvaluate: python test.py --out_dir {run_dir}")
 
@@ -174,10 +190,26 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
     return LambdaLR(optimizer, factor)
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> None:
+    """`python train.py ...`: exit code 0 when done, 2 for bad input, 3 for a non-finite loss, and 128 + N
+    after a checkpoint asked for by signal N (143 SIGTERM, 138 SIGUSR1, 130 Ctrl-C)."""
     with utils.exit_on_usage_error():
-        config = parse_train_config()
-        hw = config.hardware
+        cfg = parse_train_config(argv)
+        hw = cfg.hardware
         fabric = utils.make_fabric(hw.accelerator, hw.devices, hw.num_nodes, hw.strategy, hw.precision)
-        config.optim.micro_batching(fabric.world_size)  # a batch size that does not divide fails before launch
-        fabric.launch(main, config)
+        cfg.optim.micro_batching(fabric.world_size)  # a batch size that does not divide fails before launch
+        status = "failed"
+        try:
+            fabric.launch(main, cfg)
+            status = "success"
+        except utils.Preempted as stopped:
+            fabric.print(f"Stopped by {stopped.signal_name}: checkpoint saved. Continue with: "
+                         f"python train.py --resume {stopped.run_dir}")
+            utils.exit_after_preemption(fabric, cfg, stopped.signum)
+        finally:
+            for logger in fabric.loggers:  # flush what is buffered, whatever happened
+                logger.finalize(status)
+
+
+if __name__ == "__main__":
+    cli()

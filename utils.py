@@ -3,11 +3,16 @@
 import contextlib
 import csv
 import io
+import math
 import os
+import pickle
 import random
 import re
+import signal
+import subprocess
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,13 +31,68 @@ PERIODIC_CHECKPOINT = re.compile(r"^step-(\d+)\.ckpt$")
 
 @contextlib.contextmanager
 def exit_on_usage_error() -> Iterator[None]:
-    """Turn a UsageError into one `error:` line per problem on stderr and exit code 2."""
+    """Turn a UsageError into one `error:` line per problem on stderr and its exit code (2, or 3 for a
+    non-finite loss); `--debug` shows the traceback instead."""
     try:
         yield
     except UsageError as err:
+        if "--debug" in sys.argv:
+            raise
         for problem in err.problems:
             print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(err.exit_code)
+
+
+class NonFiniteLoss(UsageError):
+    exit_code = 3
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"{problem}; stopped without saving, so the newest checkpoint holds the last finite weights. "
+                         "Resume from it with a lower --lr or a --grad_clip")
+
+
+class Preempted(Exception):
+    """Raised after the checkpoint that a stop signal asked for is safely written."""
+
+    def __init__(self, signum: int, run_dir: Path) -> None:
+        self.signum, self.run_dir, self.signal_name = signum, run_dir, signal.Signals(signum).name
+        super().__init__(self.signal_name)
+
+
+class StopSignals:
+    """SIGTERM, SIGUSR1 (SLURM's warning before the time limit) and Ctrl-C ask the run to stop cleanly:
+    every rank finishes its current optimizer step, they agree, save a checkpoint, and exit.
+    A second Ctrl-C stops at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received = 0
+        for signum in self.SIGNALS:
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and self.received:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def agreed(self, fabric: Fabric) -> int:
+        """The signal any rank received, 0 if none. Every rank must call this at the same point."""
+        if fabric.world_size == 1:
+            return self.received
+        return int(fabric.all_reduce(torch.tensor(self.received, device=fabric.device), reduce_op="max").item())
+
+
+def exit_after_preemption(fabric: Fabric, cfg: TrainConfig, signum: int) -> None:
+    """Requeue the SLURM job if asked to, then exit with 128 + the signal number, as a shell reports it."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if cfg.requeue and fabric.global_rank == 0:
+        if job_id:
+            fabric.print(f"Requeueing SLURM job {job_id}")
+            subprocess.run(["scontrol", "requeue", job_id], check=False)
+        else:
+            fabric.print("--requeue: not under SLURM (no SLURM_JOB_ID), nothing to requeue")
+    sys.exit(128 + signum)
 
 
 def make_fabric(accelerator: str, devices: str, num_nodes: int = 1, strategy: str = "auto",
@@ -61,6 +121,8 @@ def create_run_dir(fabric: Fabric, cfg: TrainConfig) -> Path:
     if fabric.global_rank == 0:
         if cfg.resume:
             run_dir = Path(cfg.resume)
+            for stale in (run_dir / "checkpoints").glob(".*.tmp"):  # left by a crash in the middle of a save
+                stale.unlink()
         else:
             run_dir = _new_run_dir(Path(cfg.root_dir), cfg.out_dir)
         # The saved config describes the run; how this process was launched (--resume) is not part of it.
@@ -163,13 +225,17 @@ def periodic_checkpoints(ckpt_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(fabric: Fabric, path: Path, state: dict[str, Any]) -> None:
-    """Save `state` plus the RNG states so that the file appears under `path` only when complete.
+    """Save `state` and every rank's RNG states so that the file appears under `path` only when complete.
 
     It is written to a temporary name in the same directory, flushed to disk, and renamed: a crash at any
-    moment leaves either the previous file or the new one, never a partial one.
+    moment leaves either the previous file or the new one, never a partial one. Non-finite weights are never
+    saved: the last good checkpoint stays the newest.
     """
+    finite = torch.stack([p.isfinite().all() for p in state["model"].parameters()]).all()
+    if not fabric.all_reduce(finite.float(), reduce_op="min").item():  # one sync per checkpoint, not per step
+        raise NonFiniteLoss(f"the weights are not finite at step {state['global_step']} ({path.name})")
     tmp = path.with_name(f".{path.name}.tmp")
-    fabric.save(tmp, {**state, "rng": capture_rng_states()})
+    fabric.save(tmp, {**state, "rng": gather_rng_states(fabric)})
     fabric.barrier()
     if fabric.global_rank == 0:
         with open(tmp, "rb") as f:
@@ -188,56 +254,82 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def prune_checkpoints(fabric: Fabric, ckpt_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` periodic checkpoints, after the newest one is safely on disk."""
+    """Delete all but the newest `keep` periodic checkpoints. Called after the newest is safely on disk."""
     if fabric.global_rank == 0:
         for path in periodic_checkpoints(ckpt_dir)[:-keep]:
             path.unlink()
 
 
-def resume_checkpoint(run_dir: Path) -> Path:
-    """The checkpoint a resumed run continues from: final.ckpt if training finished, else the newest periodic."""
+def load_newest_checkpoint(fabric: Fabric, run_dir: Path, state: dict[str, Any]) -> Path:
+    """Restore `state` from the newest checkpoint of `run_dir` that loads: final.ckpt if training finished,
+    else the periodic ones from the newest back. One that fails to load (truncated, corrupted, another
+    model's) is skipped with a warning and kept on disk."""
     ckpt_dir = run_dir / "checkpoints"
     final = ckpt_dir / "final.ckpt"
-    if final.exists():
-        return final
-    periodic = periodic_checkpoints(ckpt_dir)
-    if not periodic:
-        raise UsageError(f"--resume {str(run_dir)!r} has no checkpoint to resume from in {ckpt_dir}")
-    return periodic[-1]
+    candidates = ([final] if final.exists() else []) + periodic_checkpoints(ckpt_dir)[::-1]
+    for path in candidates:
+        try:
+            load_checkpoint(fabric, path, state)
+            return path
+        except UsageError as err:
+            fabric.print(f"warning: skipping an unloadable checkpoint: {err}", file=sys.stderr)
+    skipped = f" ({len(candidates)} could not be loaded)" if candidates else ""
+    raise UsageError(f"--resume {str(run_dir)!r} has no loadable checkpoint in {ckpt_dir}{skipped}")
 
 
 def load_checkpoint(fabric: Fabric, path: Path, state: dict[str, Any]) -> None:
-    """Restore `state` in place from `path`, loaded with weights_only=True, and restore the RNG states."""
+    """Restore every key of `state` from `path`, loaded with weights_only=True (a file that carries
+    arbitrary pickled code is refused, not run), and this rank's RNG states."""
     try:
-        remainder = fabric.load(path, state, strict=False, weights_only=True)
+        with warnings.catch_warnings():  # a foreign file's pickle protocol is not worth a warning before our error
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            remainder = fabric.load(path, state, strict=True, weights_only=True)
+    except pickle.UnpicklingError:
+        raise UsageError(f"cannot load checkpoint {path}: it holds objects other than tensors and plain Python "
+                         "values, and loading it could run code: refused") from None
     except Exception as err:  # noqa: BLE001 - any failure to read the file is the user's to know about
-        raise UsageError(f"cannot load checkpoint {path}: {' '.join(str(err).split())[:300]}") from None
-    restore_rng_states(remainder["rng"])
+        reason = " ".join(str(err).split())
+        raise UsageError(f"cannot load checkpoint {path}: {reason[:240]}{'...' if len(reason) > 240 else ''}") from None
+    if "rng" in remainder:
+        restore_rng_states(remainder["rng"], fabric.global_rank)
 
 
 # ---------------------------------------------------------------------------------------------------- RNG
 
 
-def capture_rng_states() -> dict[str, Any]:
-    """RNG states as tensors and plain Python values only, so checkpoints load with weights_only=True."""
-    np_state = np.random.get_state()
+def capture_rng_states() -> dict[str, torch.Tensor]:
+    """This process's RNG states as tensors only, so they can be gathered and loaded with weights_only=True."""
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
     states = {
         "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": random.getstate(),
+        "numpy_keys": torch.from_numpy(np_keys.astype(np.int64)),
+        "numpy_rest": torch.tensor([np_pos, np_has_gauss, np_gauss], dtype=torch.float64),
+        "python_internal": torch.tensor(py_internal, dtype=torch.int64),
+        "python_rest": torch.tensor([py_version, math.nan if py_gauss is None else py_gauss], dtype=torch.float64),
     }
     if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+        states["cuda"] = torch.cuda.get_rng_state()
     return states
 
 
-def restore_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    n = states["numpy"]
-    keys = n["keys"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    version, internal, gauss = states["python"]
-    random.setstate((version, tuple(internal), gauss))
+def gather_rng_states(fabric: Fabric) -> dict[str, torch.Tensor]:
+    """Every rank's RNG states, each stacked along a first dimension of size world_size."""
+    states = capture_rng_states()
+    if fabric.world_size == 1:
+        return {name: state.unsqueeze(0) for name, state in states.items()}
+    return {name: state.cpu() for name, state in fabric.all_gather(states).items()}
+
+
+def restore_rng_states(states: dict[str, torch.Tensor], rank: int) -> None:
+    """Restore this rank's RNG states. After a change of world size, rank r takes saved rank r % saved."""
+    row = rank % len(states["torch"])
+    torch.set_rng_state(states["torch"][row])
+    pos, has_gauss, gauss = states["numpy_rest"][row].tolist()
+    np_keys = states["numpy_keys"][row].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", np_keys, int(pos), int(has_gauss), gauss))
+    version, py_gauss = states["python_rest"][row].tolist()
+    random.setstate((int(version), tuple(states["python_internal"][row].tolist()),
+                     None if math.isnan(py_gauss) else py_gauss))
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state(states["cuda"][row])

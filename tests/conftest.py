@@ -31,6 +31,20 @@ def train_in_process(root: Path, *args: str) -> Path:
     return run_dir
 
 
+def run_cli(script: str, *args: str) -> int:
+    """Call train.py's or test.py's cli() in this process; returns its exit code."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{script}_cli", REPO / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        module.cli(list(args))
+    except SystemExit as exit:
+        return exit.code
+    return 0
+
+
 def only_run_dir(root: Path) -> Path:
     (run_dir,) = list(root.iterdir())
     return run_dir
@@ -53,3 +67,11 @@ def default_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subproc
     result = run_script("train.py", "--root_dir", str(root))
     assert result.returncode == 0, result.stderr
     return only_run_dir(root), result
+
+
+@pytest.fixture(autouse=True)
+def _fresh_auto_resume_decision(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--resume auto is decided once per process tree (and handed to children in the environment)."""
+    from config import AUTO_RESUME_ENV
+
+    monkeypatch.delenv(AUTO_RESUME_ENV, raising=False)

@@ -103,7 +103,7 @@ def test_sigkill_after_epoch_3_checkpoint_then_resume_is_bitwise_identical(tmp_p
 
     resumed = run_script("train.py", "--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr
-    assert "Resumed" in resumed.stdout and only_run_dir(root) == run_dir  # no new run dir
+    assert "Resuming" in resumed.stdout and only_run_dir(root) == run_dir  # no new run dir
     final, expected = model_weights(run_dir / "checkpoints" / "final.ckpt"), model_weights(
         reference / "checkpoints" / "final.ckpt")
     assert final.keys() == expected.keys()
