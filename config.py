@@ -317,6 +317,8 @@ def parse_train_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     """Resolve the training config: defaults < --config_path < flags. With --resume RUN_DIR, the run's
     saved config.yaml takes the place of the defaults, and flags may override it where that is safe."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if _given(argv, "--resume") and _given(argv, "--config_path"):
+        raise UsageError("--config_path cannot be combined with --resume, which uses the run's config.yaml")
     cfg = _parse(TrainConfig, argv)
     if cfg.resume == "auto":
         run_dir = _auto_resume_dir(cfg)
@@ -330,8 +332,6 @@ def parse_train_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
             raise UsageError(f"--resume {cfg.resume!r}: no such run directory")
         if not saved_path.is_file():
             raise UsageError(f"--resume {cfg.resume!r} is not a run directory: it has no config.yaml")
-        if any(a == "--config_path" or a.startswith("--config_path=") for a in argv):
-            raise UsageError("--config_path cannot be combined with --resume, which uses the run's config.yaml")
         saved = load_train_config(saved_path)
         cfg = _parse(TrainConfig, argv, defaults_file=saved_path)
         locked = [f"--{key.split('.')[-1]} {old!r} -> {new!r}" for key, (old, new) in overrides(saved, cfg).items()
@@ -340,6 +340,10 @@ def parse_train_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
             raise UsageError(f"--resume cannot change {', '.join(locked)}: the checkpoint would not fit. "
                              "Start a new run instead")
     return _validated(cfg)
+
+
+def _given(argv: Sequence[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(f"{flag}=") for a in argv)
 
 
 def _validated(cfg: TrainConfig) -> TrainConfig:

@@ -288,8 +288,8 @@ def load_checkpoint(fabric: Fabric, path: Path, state: dict[str, Any]) -> None:
         raise UsageError(f"cannot load checkpoint {path}: it holds objects other than tensors and plain Python "
                          "values, and loading it could run code: refused") from None
     except Exception as err:  # noqa: BLE001 - any failure to read the file is the user's to know about
-        reason = " ".join(str(err).split())
-        raise UsageError(f"cannot load checkpoint {path}: {reason[:240]}{'...' if len(reason) > 240 else ''}") from None
+        reason = " ".join(str(err).split()).split(". ")[0]  # torch's first sentence says what went wrong
+        raise UsageError(f"cannot load checkpoint {path}: {reason[:300]}") from None
     if "rng" in remainder:
         restore_rng_states(remainder["rng"], fabric.global_rank)
 

@@ -1,4 +1,5 @@
-"""Bad input gets one `error:` line per problem, exit code 2, no traceback, and no file written."""
+"""Bad input through real processes: one `error:` line per problem, exit code 2, no traceback, no file written.
+(tests/test_bad_inputs.py covers every kind of bad input in-process, through the same cli() functions.)"""
 
 import pytest
 from conftest import run_script, snapshot
@@ -24,27 +25,6 @@ def test_bad_values_are_all_reported_at_once(tmp_path):
                        "--model 'resnet9000' is not cnn or a torchvision classification model",
                        "--lr -1.0 must be > 0")
     assert not tmp_path.exists() or not any(tmp_path.iterdir())  # no run dir was created
-
-
-def test_eff_batch_size_not_divisible_by_world_size(tmp_path):
-    result = run_script("train.py", "--root_dir", str(tmp_path), "--accelerator", "cpu", "--devices", "3",
-                        "--eff_batch_size", "64")
-    assert_usage_error(result, "--eff_batch_size 64 is not divisible by the world size 3 (devices x nodes)")
-    assert not tmp_path.exists() or not any(tmp_path.iterdir())
-
-
-@pytest.mark.parametrize(("args", "message"), [
-    (["--epochs", "three"], "argument --epochs: invalid int value: 'three'"),
-    (["--no_such_flag", "1"], "unrecognized arguments: --no_such_flag 1"),
-])
-def test_unknown_flags_and_wrong_types(tmp_path, args, message):
-    assert_usage_error(run_script("train.py", "--root_dir", str(tmp_path), *args), message)
-
-
-def test_resume_path_that_is_not_a_run(tmp_path):
-    assert_usage_error(run_script("train.py", "--resume", str(tmp_path / "nope")), "no such run directory")
-    assert_usage_error(run_script("train.py", "--resume", str(tmp_path)),
-                       "is not a run directory: it has no config.yaml")
 
 
 def test_test_py_bad_run_dir_and_checkpoint(default_run, tmp_path):
