@@ -58,7 +58,7 @@ CASES = [
     ("config file missing", "train", ["--config_path", "{world}/nope.yaml"], "config file {world}/nope.yaml: No such"),
     ("config file unknown key", "train", ["--config_path", "{world}/unknown_key.yaml"], "['epochz'] are not fields"),
     ("config file malformed", "train", ["--config_path", "{world}/malformed.yaml"], "is not valid YAML"),
-    ("resume nowhere", "train", ["--resume", "{world}/runs/nope"], "--resume '{world}/runs/nope': no such run directory"),
+    ("resume nowhere", "train", ["--resume", "{world}/runs/nope"], "--resume '{world}/runs/nope': no such run"),
     ("resume not a run", "train", ["--resume", "{world}"], "is not a run directory: it has no config.yaml"),
     ("resume with config file", "train", ["--resume", "{run}", "--config_path", "{world}/unknown_key.yaml"],
      "--config_path cannot be combined with --resume"),
