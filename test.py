@@ -74,7 +74,7 @@ def cli(argv: list[str] | None = None) -> None:
         cfg = parse_test_config(argv)
         find_checkpoint(Path(cfg.out_dir), cfg.checkpoint)  # fail before any process starts
         precision = load_train_config(Path(cfg.out_dir) / "config.yaml").hardware.precision
-        utils.make_fabric(cfg.accelerator, cfg.devices, precision=precision).launch(main, cfg)
+        utils.launch(utils.make_fabric(cfg.accelerator, cfg.devices, precision=precision), main, cfg)
 
 
 if __name__ == "__main__":

@@ -200,7 +200,7 @@ def cli(argv: list[str] | None = None) -> None:
         cfg.optim.micro_batching(fabric.world_size)  # a batch size that does not divide fails before launch
         status = "failed"
         try:
-            fabric.launch(main, cfg)
+            utils.launch(fabric, main, cfg)
             status = "success"
         except utils.Preempted as stopped:
             fabric.print(f"Stopped by {stopped.signal_name}: checkpoint saved. Continue with: "

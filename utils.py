@@ -8,18 +8,21 @@ import os
 import pickle
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import warnings
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from lightning.fabric import Fabric
+from lightning.fabric.connector import _is_using_cli
 from lightning.fabric.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.loggers import CSVLogger  # Fabric's own CSVLogger cannot log hyperparameters
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -101,10 +104,27 @@ def make_fabric(accelerator: str, devices: str, num_nodes: int = 1, strategy: st
     try:
         return Fabric(accelerator=accelerator, devices=devices_arg, num_nodes=num_nodes, strategy=strategy,
                       precision=precision)
-    except (ValueError, RuntimeError, TypeError) as err:  # e.g. --accelerator cuda on a machine without GPUs
+    except (ValueError, RuntimeError, TypeError, ImportError) as err:  # e.g. --accelerator cuda without a GPU
         flags = f"--accelerator {accelerator} --devices {devices} --num_nodes {num_nodes} --strategy {strategy}"
         reason = " ".join(str(err).split())
         raise UsageError(f"cannot start Fabric with {flags} --precision {precision}: {reason}") from None
+
+
+def launch(fabric: Fabric, function: Callable, *args: Any) -> Any:
+    """fabric.launch(function, *args), leaving the process group when `function` returns. Under `fabric run`,
+    which has started the processes already, a plain call."""
+    if _is_using_cli():
+        return _call_then_leave_process_group(function, args, fabric)
+    # Bound here rather than passed to launch(): ddp_spawn's launcher rejects frozen dataclasses in arguments.
+    return fabric.launch(partial(_call_then_leave_process_group, function, args))
+
+
+def _call_then_leave_process_group(function: Callable, args: tuple, fabric: Fabric) -> Any:
+    try:
+        return function(fabric, *args)
+    finally:
+        if torch.distributed.is_initialized():  # a process that exits with the group still up may abort (gloo)
+            torch.distributed.destroy_process_group()
 
 
 # ------------------------------------------------------------------------------------------- run directory
@@ -121,8 +141,7 @@ def create_run_dir(fabric: Fabric, cfg: TrainConfig) -> Path:
     if fabric.global_rank == 0:
         if cfg.resume:
             run_dir = Path(cfg.resume)
-            for stale in (run_dir / "checkpoints").glob(".*.tmp"):  # left by a crash in the middle of a save
-                stale.unlink()
+            clean_up_after_crash(run_dir / "checkpoints")
         else:
             run_dir = _new_run_dir(Path(cfg.root_dir), cfg.out_dir)
         # The saved config describes the run; how this process was launched (--resume) is not part of it.
@@ -238,26 +257,58 @@ def save_checkpoint(fabric: Fabric, path: Path, state: dict[str, Any]) -> None:
     fabric.save(tmp, {**state, "rng": gather_rng_states(fabric)})
     fabric.barrier()
     if fabric.global_rank == 0:
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        publish(tmp, path)
     fabric.barrier()
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+def publish(tmp: Path, path: Path) -> None:
+    """Flush `tmp` to disk and give it the name `path`, atomically. `tmp` may be a directory: the sharded
+    checkpoint that Fabric writes under FSDP. A directory cannot replace another in one step, so an existing
+    one is first renamed aside and deleted only after the new one is in place."""
+    for file in [tmp] if tmp.is_file() else [p for p in tmp.rglob("*") if p.is_file()]:
+        _fsync(file)
+    _fsync(tmp.parent)
+    if tmp.is_dir() and path.exists():
+        old = path.with_name(f".{path.name}.old.tmp")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        remove_checkpoint(old)
+    else:
+        os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
+def remove_checkpoint(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def clean_up_after_crash(ckpt_dir: Path) -> None:
+    """Remove the temporary files a crash left in the middle of `publish`, or put back a checkpoint that it
+    had renamed aside."""
+    for tmp in ckpt_dir.glob(".*.tmp"):
+        original = ckpt_dir / tmp.name[1:].removesuffix(".old.tmp")
+        if tmp.name.endswith(".old.tmp") and not original.exists():
+            os.replace(tmp, original)
+        else:
+            remove_checkpoint(tmp)
+
+
 def prune_checkpoints(fabric: Fabric, ckpt_dir: Path, keep: int) -> None:
     """Delete all but the newest `keep` periodic checkpoints. Called after the newest is safely on disk."""
     if fabric.global_rank == 0:
         for path in periodic_checkpoints(ckpt_dir)[:-keep]:
-            path.unlink()
+            remove_checkpoint(path)
 
 
 def load_newest_checkpoint(fabric: Fabric, run_dir: Path, state: dict[str, Any]) -> Path:
@@ -318,13 +369,15 @@ def gather_rng_states(fabric: Fabric) -> dict[str, torch.Tensor]:
     states = capture_rng_states()
     if fabric.world_size == 1:
         return {name: state.unsqueeze(0) for name, state in states.items()}
-    return {name: state.cpu() for name, state in fabric.all_gather(states).items()}
+    with warnings.catch_warnings():  # Fabric's all_gather goes through torch's differentiable one, now deprecated
+        warnings.filterwarnings("ignore", message=".*all_gather is deprecated")
+        return {name: state.cpu() for name, state in fabric.all_gather(states).items()}
 
 
 def restore_rng_states(states: dict[str, torch.Tensor], rank: int) -> None:
     """Restore this rank's RNG states. After a change of world size, rank r takes saved rank r % saved."""
     row = rank % len(states["torch"])
-    torch.set_rng_state(states["torch"][row])
+    torch.set_rng_state(states["torch"][row].clone())  # a copy: set_rng_state reads a row view from its start
     pos, has_gauss, gauss = states["numpy_rest"][row].tolist()
     np_keys = states["numpy_keys"][row].numpy().astype(np.uint32)
     np.random.set_state(("MT19937", np_keys, int(pos), int(has_gauss), gauss))
@@ -332,4 +385,4 @@ def restore_rng_states(states: dict[str, torch.Tensor], rank: int) -> None:
     random.setstate((int(version), tuple(states["python_internal"][row].tolist()),
                      None if math.isnan(py_gauss) else py_gauss))
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"][row])
+        torch.cuda.set_rng_state(states["cuda"][row].clone())
