@@ -84,7 +84,7 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
 
     log_every, ckpt_every = cfg.log.log_every_n_steps(steps_per_epoch), cfg.log.checkpoint_every_n_steps
     stop = utils.StopSignals()
-    start = time.perf_counter()
+    start_time, start_step = time.perf_counter(), state["global_step"]
     with tqdm(total=epochs * steps_per_epoch, initial=state["global_step"], disable=not fabric.is_global_zero,
               desc="train", unit="step", dynamic_ncols=True) as pbar:
         for epoch in range(state["epoch"], epochs):
@@ -139,8 +139,11 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
                 raise utils.Preempted(signum, run_dir)
 
     save_checkpoint("final.ckpt")
-    fabric.print(f"Finished in {time.perf_counter() - start:.1f}s: best val acc {state['best_val_acc']:.4f}\n"
-                 f"Run dir: {run_dir}\nEvaluate: python test.py --out_dir {run_dir}")
+    seconds, steps = time.perf_counter() - start_time, state["global_step"] - start_step
+    fabric.print(f"Finished {steps} steps in {seconds:.1f}s ({steps / seconds:.1f} steps/s, "
+                 f"{steps * cfg.optim.eff_batch_size / seconds:.0f} samples/s, validation and checkpoints included): "
+                 f"best val acc {state['best_val_acc']:.4f}\nRun dir: {run_dir}\n"
+                 f"Evaluate: python test.py --out_dir {run_dir}")
 
     if cfg.fast_run:  # check the test-split plumbing too; the real evaluation is test.py's job
         test_loader = fabric.setup_dataloaders(
