@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 import yaml
-from conftest import REPO, model_weights, only_run_dir, run_script, snapshot, train_in_process
+from conftest import REPO, model_weights, only_run_dir, run_cli, run_script, snapshot, train_in_process
 
 from tests.test_data import write_tiny_mnist
 
@@ -37,8 +37,7 @@ def test_default_run_trains_and_test_py_reports_accuracy(default_run):
 def test_test_py_evaluates_the_weights_it_is_asked_for(default_run):
     run_dir, _ = default_run
     for which, step in [("final", 200), ("last", 200), (str(run_dir / "checkpoints" / "step-00000160.ckpt"), 160)]:
-        result = run_script("test.py", "--out_dir", str(run_dir), "--checkpoint", which)
-        assert result.returncode == 0, result.stderr
+        assert run_cli("test", "--out_dir", str(run_dir), "--checkpoint", which) == 0
         assert json.loads((run_dir / "test" / "metrics.json").read_text())["global_step"] == step
 
 
