@@ -54,6 +54,10 @@ class HardwareConfig:
     """Distribution strategy: auto, ddp, ddp_spawn, fsdp, deepspeed or dp."""
     precision: str = "32-true"
     """Numerical precision: 32-true, 16-mixed, bf16-mixed, 16-true, bf16-true or 64-true."""
+    compile: bool = False
+    """torch.compile the model (before fabric.setup). Pays off on GPUs and long runs; compiling takes a while."""
+    channels_last: bool = False
+    """Keep the model's conv weights in channels_last memory format (faster convolutions on recent GPUs)."""
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from lightning.fabric import Fabric
+from lightning.fabric.utilities.throughput import ThroughputMonitor
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric, MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
@@ -42,8 +43,12 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
     fabric.seed_everything(cfg.seed)
     with fabric.rank_zero_first(local=True), fabric.init_module():  # --pretrained weights: one download per node
         model = build_model(cfg.arch, info)
-    optimizer = make_optimizer(model, cfg.optim, lr)
-    model, optimizer = fabric.setup(model, optimizer)
+    if cfg.hardware.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if fabric.device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
+    optimizer = make_optimizer(model, cfg.optim, lr, fused=fabric.device.type == "cuda")
+    model, optimizer = fabric.setup(torch.compile(model) if cfg.hardware.compile else model, optimizer)
     steps_per_epoch, epochs = sampler.steps_per_epoch, cfg.epochs()
     scheduler = warmup_cosine(optimizer, round(cfg.optim.warmup * steps_per_epoch), epochs * steps_per_epoch)
     # Everything fabric.save/fabric.load touch: objects with a state_dict, tensors and plain Python values.
@@ -83,6 +88,8 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
             utils.prune_checkpoints(fabric, ckpt_dir, cfg.log.num_checkpoint_keep)
 
     log_every, ckpt_every = cfg.log.log_every_n_steps(steps_per_epoch), cfg.log.checkpoint_every_n_steps
+    throughput = ThroughputMonitor(fabric, window_size=3)  # samples/s over the last 2 log intervals; MFU on GPUs
+    flops_per_step = utils.training_flops_per_step(cfg.arch, info, batch_size) * accum_steps
     stop = utils.StopSignals()
     start_time, start_step = time.perf_counter(), state["global_step"]
     with tqdm(total=epochs * steps_per_epoch, initial=state["global_step"], disable=not fabric.is_global_zero,
@@ -112,9 +119,15 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
                     train_loss = fabric.all_reduce(state["loss_sum"] / state["loss_count"]).item()  # the CPU sync
                     if not math.isfinite(train_loss):
                         raise utils.NonFiniteLoss(f"the training loss is {train_loss} at step {state['global_step']}")
-                    fabric.log_dict({"train/loss": train_loss, "lr": scheduler.get_last_lr()[0], "epoch": epoch},
+                    steps, lr_now = state["global_step"] - start_step, scheduler.get_last_lr()[0]
+                    throughput.update(time=time.perf_counter() - start_time, batches=steps,
+                                      samples=steps * batch_size * accum_steps, flops=steps * flops_per_step)
+                    speed = {k: v for k, v in throughput.compute().items() if k.endswith(("_per_sec", "mfu"))}
+                    fabric.log_dict({"train/loss": train_loss, "lr": lr_now, "epoch": epoch, **speed},
                                     step=state["global_step"])
-                    pbar.set_postfix(epoch=epoch + 1, loss=f"{train_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.3g}")
+                    samples_per_s = speed.get("device/samples_per_sec", 0.0) * fabric.world_size
+                    pbar.set_postfix(epoch=epoch + 1, loss=f"{train_loss:.4f}", lr=f"{lr_now:.3g}",
+                                     samples_per_s=f"{samples_per_s:.0f}")
                     state["loss_sum"].zero_()
                     state["loss_count"] = 0
                 signum = stop.agreed(fabric)
@@ -175,10 +188,12 @@ def evaluate(fabric: Fabric, model: torch.nn.Module, loader: torch.utils.data.Da
     return {"loss": loss.compute().item(), **results, "num_samples": int(num_samples.compute().item())}
 
 
-def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float, fused: bool) -> torch.optim.Optimizer:
+    """`fused`: one kernel for the whole update (on GPUs); otherwise PyTorch picks foreach or a loop."""
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=cfg.weight_decay,
+                               fused=fused or None)
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:

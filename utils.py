@@ -24,10 +24,13 @@ import torch
 from lightning.fabric import Fabric
 from lightning.fabric.connector import _is_using_cli
 from lightning.fabric.loggers import Logger, TensorBoardLogger
+from lightning.fabric.utilities.throughput import measure_flops
 from lightning.pytorch.loggers import CSVLogger  # Fabric's own CSVLogger cannot log hyperparameters
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from config import TrainConfig, UsageError, to_yaml
+from config import ArchConfig, TrainConfig, UsageError, to_yaml
+from data import DataInfo
+from model import build_model
 
 PERIODIC_CHECKPOINT = re.compile(r"^step-(\d+)\.ckpt$")
 
@@ -125,6 +128,14 @@ def _call_then_leave_process_group(function: Callable, args: tuple, fabric: Fabr
     finally:
         if torch.distributed.is_initialized():  # a process that exits with the group still up may abort (gloo)
             torch.distributed.destroy_process_group()
+
+
+def training_flops_per_step(cfg: ArchConfig, info: DataInfo, batch_size: int) -> int:
+    """FLOPs of a forward and backward pass over one micro-batch, counted on the meta device (no memory, no time)."""
+    with torch.device("meta"):
+        model = build_model(replace(cfg, pretrained=False), info)
+        x = torch.empty(batch_size, info.in_channels, info.image_size, info.image_size)
+    return measure_flops(model, lambda: model(x), lambda logits: logits.sum())
 
 
 # ------------------------------------------------------------------------------------------- run directory
