@@ -83,9 +83,8 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
     def save_checkpoint(name: str) -> None:
         # The ranks' partial loss sums become their mean: the same logged value, at any world size after a resume.
         state["loss_sum"] = fabric.all_reduce(state["loss_sum"], reduce_op="mean")
-        utils.save_checkpoint(fabric, ckpt_dir / name, state)
-        if name.startswith("step-"):
-            utils.prune_checkpoints(fabric, ckpt_dir, cfg.log.num_checkpoint_keep)
+        keep = cfg.log.num_checkpoint_keep if name.startswith("step-") else None  # periodic ones rotate
+        utils.save_checkpoint(fabric, ckpt_dir / name, state, keep)
 
     log_every, ckpt_every = cfg.log.log_every_n_steps(steps_per_epoch), cfg.log.checkpoint_every_n_steps
     throughput = ThroughputMonitor(fabric, window_size=3)  # samples/s over the last 2 log intervals; MFU on GPUs
@@ -152,6 +151,7 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
                 raise utils.Preempted(signum, run_dir)
 
     save_checkpoint("final.ckpt")
+    utils.wait_for_checkpoints()  # on disk before the run says it is finished
     seconds, steps = time.perf_counter() - start_time, state["global_step"] - start_step
     fabric.print(f"Finished {steps} steps in {seconds:.1f}s ({steps / seconds:.1f} steps/s, "
                  f"{steps * cfg.optim.eff_batch_size / seconds:.0f} samples/s, validation and checkpoints included): "

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -91,6 +92,7 @@ class StopSignals:
 
 def exit_after_preemption(fabric: Fabric, cfg: TrainConfig, signum: int) -> None:
     """Requeue the SLURM job if asked to, then exit with 128 + the signal number, as a shell reports it."""
+    wait_for_checkpoints()
     job_id = os.environ.get("SLURM_JOB_ID")
     if cfg.requeue and fabric.global_rank == 0:
         if job_id:
@@ -254,22 +256,41 @@ def periodic_checkpoints(ckpt_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(fabric: Fabric, path: Path, state: dict[str, Any]) -> None:
-    """Save `state` and every rank's RNG states so that the file appears under `path` only when complete.
+_publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-publisher")
+_publishing: list[Future] = []
+
+
+def save_checkpoint(fabric: Fabric, path: Path, state: dict[str, Any], keep: int | None = None) -> None:
+    """Save `state` and every rank's RNG states so that the file appears under `path` only when complete;
+    then, with `keep`, delete all but the newest `keep` periodic checkpoints.
 
     It is written to a temporary name in the same directory, flushed to disk, and renamed: a crash at any
-    moment leaves either the previous file or the new one, never a partial one. Non-finite weights are never
-    saved: the last good checkpoint stays the newest.
+    moment leaves either the previous file or the new one, never a partial one. The flush, rename and pruning
+    (disk time, not CPU) run in a background thread on rank 0 while training goes on; the next save, the end
+    of the run and a requeue wait for them. Non-finite weights are never saved: the last good checkpoint stays
+    the newest.
     """
     finite = torch.stack([p.isfinite().all() for p in state["model"].parameters()]).all()
     if not fabric.all_reduce(finite.float(), reduce_op="min").item():  # one sync per checkpoint, not per step
         raise NonFiniteLoss(f"the weights are not finite at step {state['global_step']} ({path.name})")
+    wait_for_checkpoints()  # one in flight at a time, in order
     tmp = path.with_name(f".{path.name}.tmp")
     fabric.save(tmp, {**state, "rng": gather_rng_states(fabric)})
-    fabric.barrier()
+    fabric.barrier()  # every rank's part is written
     if fabric.global_rank == 0:
-        publish(tmp, path)
-    fabric.barrier()
+        _publishing.append(_publisher.submit(_publish_and_prune, tmp, path, keep))
+
+
+def _publish_and_prune(tmp: Path, path: Path, keep: int | None) -> None:
+    publish(tmp, path)
+    if keep:
+        prune_checkpoints(path.parent, keep)  # only once the new checkpoint is durable
+
+
+def wait_for_checkpoints() -> None:
+    """Until the checkpoints being published are on disk under their names; re-raises a failure (disk full)."""
+    while _publishing:
+        _publishing.pop(0).result()
 
 
 def publish(tmp: Path, path: Path) -> None:
@@ -315,11 +336,10 @@ def clean_up_after_crash(ckpt_dir: Path) -> None:
             remove_checkpoint(tmp)
 
 
-def prune_checkpoints(fabric: Fabric, ckpt_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` periodic checkpoints. Called after the newest is safely on disk."""
-    if fabric.global_rank == 0:
-        for path in periodic_checkpoints(ckpt_dir)[:-keep]:
-            remove_checkpoint(path)
+def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` periodic checkpoints."""
+    for path in periodic_checkpoints(ckpt_dir)[:-keep]:
+        remove_checkpoint(path)
 
 
 def load_newest_checkpoint(fabric: Fabric, run_dir: Path, state: dict[str, Any]) -> Path:
