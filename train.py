@@ -80,11 +80,12 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
                  f"= {cfg.optim.eff_batch_size} per optimizer step | lr {lr:.4g} | {fabric.device}, "
                  f"{cfg.hardware.precision} | {num_params:,} parameters")
 
-    def save_checkpoint(name: str) -> None:
+    def save_checkpoint(*names: str) -> None:
+        """Written once; further names are hard links to the same file. Periodic ones (step-N) rotate."""
         # The ranks' partial loss sums become their mean: the same logged value, at any world size after a resume.
         state["loss_sum"] = fabric.all_reduce(state["loss_sum"], reduce_op="mean")
-        keep = cfg.log.num_checkpoint_keep if name.startswith("step-") else None  # periodic ones rotate
-        utils.save_checkpoint(fabric, ckpt_dir / name, state, keep)
+        utils.save_checkpoint(fabric, state, *(ckpt_dir / name for name in names),
+                              keep=cfg.log.num_checkpoint_keep if names and names[0].startswith("step-") else None)
 
     log_every, ckpt_every = cfg.log.log_every_n_steps(steps_per_epoch), cfg.log.checkpoint_every_n_steps
     throughput = ThroughputMonitor(fabric, window_size=3)  # samples/s over the last 2 log intervals; MFU on GPUs
@@ -141,12 +142,13 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
             if fabric.is_global_zero:
                 pbar.write(f"epoch {epoch + 1}/{epochs}  step {state['global_step']}  val loss {val['loss']:.4f}  "
                            f"val acc {val['acc']:.4f}")
+            names, signum = [], stop.agreed(fabric)
+            if signum or state["epoch"] % cfg.log.checkpoint_frequency == 0:
+                names.append(f"step-{state['global_step']:08d}.ckpt")
             if val["acc"] > state["best_val_acc"]:
                 state["best_val_acc"] = val["acc"]
-                save_checkpoint("best.ckpt")
-            signum = stop.agreed(fabric)
-            if signum or state["epoch"] % cfg.log.checkpoint_frequency == 0:
-                save_checkpoint(f"step-{state['global_step']:08d}.ckpt")
+                names.append("best.ckpt")
+            save_checkpoint(*names)
             if signum:
                 raise utils.Preempted(signum, run_dir)
 

@@ -260,31 +260,44 @@ _publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-pu
 _publishing: list[Future] = []
 
 
-def save_checkpoint(fabric: Fabric, path: Path, state: dict[str, Any], keep: int | None = None) -> None:
-    """Save `state` and every rank's RNG states so that the file appears under `path` only when complete;
-    then, with `keep`, delete all but the newest `keep` periodic checkpoints.
+def save_checkpoint(fabric: Fabric, state: dict[str, Any], *paths: Path, keep: int | None = None) -> None:
+    """Save `state` and every rank's RNG states under each of `paths`, each appearing only when complete; then,
+    with `keep`, delete all but the newest `keep` periodic checkpoints.
 
-    It is written to a temporary name in the same directory, flushed to disk, and renamed: a crash at any
-    moment leaves either the previous file or the new one, never a partial one. The flush, rename and pruning
-    (disk time, not CPU) run in a background thread on rank 0 while training goes on; the next save, the end
-    of the run and a requeue wait for them. Non-finite weights are never saved: the last good checkpoint stays
-    the newest.
+    It is written once, to a temporary name in the same directory, flushed to disk and renamed (the other
+    names are hard links to it): a crash at any moment leaves either the previous file or the new one, never a
+    partial one. The flush, renames and pruning (disk time, not CPU) run in order in a background thread on
+    rank 0 while training goes on; the end of the run and a requeue wait for them. Non-finite weights are never
+    saved: the last good checkpoint stays the newest.
     """
+    if not paths:
+        return
     finite = torch.stack([p.isfinite().all() for p in state["model"].parameters()]).all()
     if not fabric.all_reduce(finite.float(), reduce_op="min").item():  # one sync per checkpoint, not per step
-        raise NonFiniteLoss(f"the weights are not finite at step {state['global_step']} ({path.name})")
-    wait_for_checkpoints()  # one in flight at a time, in order
-    tmp = path.with_name(f".{path.name}.tmp")
+        raise NonFiniteLoss(f"the weights are not finite at step {state['global_step']} ({paths[0].name})")
+    tmp = _temporary_name(paths[0])
     fabric.save(tmp, {**state, "rng": gather_rng_states(fabric)})
     fabric.barrier()  # every rank's part is written
     if fabric.global_rank == 0:
-        _publishing.append(_publisher.submit(_publish_and_prune, tmp, path, keep))
+        _publishing.append(_publisher.submit(_publish_and_prune, tmp, paths, keep))
 
 
-def _publish_and_prune(tmp: Path, path: Path, keep: int | None) -> None:
-    publish(tmp, path)
+def _temporary_name(path: Path) -> Path:
+    """Hidden, unique (a save may be queued while the previous one with the same name is being published)."""
+    return path.with_name(f".{path.name}.{time.monotonic_ns()}.tmp")
+
+
+def _publish_and_prune(tmp: Path, paths: tuple[Path, ...], keep: int | None) -> None:
+    publish(tmp, paths[0])
+    for path in paths[1:]:
+        link = _temporary_name(path)
+        if paths[0].is_dir():  # a sharded checkpoint: directories cannot be hard-linked
+            shutil.copytree(paths[0], link)
+        else:
+            os.link(paths[0], link)
+        publish(link, path)
     if keep:
-        prune_checkpoints(path.parent, keep)  # only once the new checkpoint is durable
+        prune_checkpoints(paths[0].parent, keep)  # only once the new checkpoint is durable
 
 
 def wait_for_checkpoints() -> None:
@@ -330,7 +343,7 @@ def clean_up_after_crash(ckpt_dir: Path) -> None:
     had renamed aside."""
     for tmp in ckpt_dir.glob(".*.tmp"):
         original = ckpt_dir / tmp.name[1:].removesuffix(".old.tmp")
-        if tmp.name.endswith(".old.tmp") and not original.exists():
+        if tmp.name.endswith(".old.tmp") and not original.exists():  # a crash between publish()'s two renames
             os.replace(tmp, original)
         else:
             remove_checkpoint(tmp)
