@@ -1,0 +1,51 @@
+"""The benchmark runs and reports; the speed options and the input pipeline keep the numbers right.
+(Timings live in benchmarks/overhead.py and the README, not in tests.)"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, model_weights, run_cli, train_in_process
+
+from data import GlobalBatchSampler, make_train_loader
+
+pytestmark = pytest.mark.slow
+
+
+def test_overhead_benchmark_runs_and_writes_its_json(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "overhead.py"), "--epochs", "2", "--repeats",
+                             "1", "--name", "tiny", "--results_dir", str(tmp_path)],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "tiny.json").read_text())
+    steps = report["steps_per_sec"]
+    assert set(steps) == {"raw", "template", "trainer"} and all(v > 0 for v in steps.values())
+    assert report["template_vs_raw"] == pytest.approx(steps["template"] / steps["raw"])
+    assert report["template_vs_trainer"] == pytest.approx(steps["template"] / steps["trainer"])
+    assert 0 < report["data_wait_fraction"] < 1 and 0 < report["checkpoint_fraction"] < 1
+    assert report["versions"]["torch"] == torch.__version__
+    assert "| template |" in result.stdout and "template/raw" in result.stdout
+
+
+def test_users_own_per_sample_dataset_works_with_worker_processes():
+    dataset = torch.utils.data.TensorDataset(torch.arange(100), torch.arange(100) * 2)
+    sampler = GlobalBatchSampler(100, 20, 10, rank=0, world_size=1, seed=0)
+    loader = make_train_loader(dataset, sampler, num_workers=2)
+    batches = list(loader)
+    assert [x.tolist() for x, _ in batches] == list(sampler)  # collated per sample, in the sampler's order
+    assert all(torch.equal(y, x * 2) for x, y in batches)
+
+
+def test_channels_last_trains_the_same_model(tmp_path):
+    run_dir = train_in_process(tmp_path, "--fast_run", "--channels_last")
+    weights = model_weights(run_dir / "checkpoints" / "final.ckpt")
+    assert weights["features.0.weight"].shape == (32, 1, 3, 3) and all(w.isfinite().all() for w in weights.values())
+
+
+def test_compiled_model_checkpoints_load_into_a_plain_one(tmp_path):
+    run_dir = train_in_process(tmp_path, "--fast_run", "--compile")
+    weights = model_weights(run_dir / "checkpoints" / "final.ckpt")
+    assert not any(k.startswith("_orig_mod") for k in weights)  # test.py and resume need the plain names
+    assert run_cli("test", "--out_dir", str(run_dir), "--checkpoint", "final") == 0
