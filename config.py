@@ -175,7 +175,7 @@ class TrainConfig:
     requeue: bool = False
     """Under SLURM, after a signal-triggered checkpoint, requeue the job (scontrol requeue $SLURM_JOB_ID)."""
     logger_name: list[str] = field(default_factory=lambda: ["csv"])
-    """Loggers, one or more of: csv, tensorboard, wandb."""
+    """Loggers, one or more of: csv, tensorboard, wandb. The CSV log is always kept: it is the run's record."""
     fast_run: bool = False
     """Check the plumbing: 1 epoch of 2 optimizer steps, 2 validation and 2 test batches."""
     hardware: HardwareConfig = field(default_factory=HardwareConfig)

@@ -9,12 +9,15 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from lightning.fabric import Fabric
+from torch.utils.data import DataLoader
 
 import utils
 from config import CHECKPOINT_CHOICES, TestConfig, UsageError, load_train_config, parse_test_config
-from data import load_splits, make_eval_loader
+from data import ImageTensorDataset, load_splits, make_eval_loader
 from model import build_model
+from plots import draw_confusion_matrix, draw_misclassified
 from train import evaluate
 
 
@@ -35,17 +38,54 @@ def main(fabric: Fabric, cfg: TestConfig) -> None:
     utils.load_checkpoint(fabric, checkpoint, state)
 
     results = {"checkpoint": str(checkpoint), "epoch": state["epoch"], "global_step": state["global_step"],
-               "dataset": train_cfg.data.dataset, **evaluate(fabric, model, loader, info.num_classes)}
+               "dataset": train_cfg.data.dataset,
+               **evaluate(fabric, model, loader, info.num_classes, confusion_matrix=True)}
+    results["per_class"] = per_class(results["confusion_matrix"], info.class_names)
     fabric.print(f"Test split of {train_cfg.data.dataset}: {results['num_samples']} samples, "
                  f"{checkpoint} (epoch {state['epoch']}, step {state['global_step']})\n"
                  f"  loss      {results['loss']:.4f}\n"
                  f"  accuracy  {results['acc']:.4f}\n"
-                 f"  macro_f1  {results['macro_f1']:.4f}")
+                 f"  macro_f1  {results['macro_f1']:.4f}\n\n"
+                 f"  {'class':>12}  precision  recall  support\n" +
+                 "\n".join(f"  {name:>12}  {c['precision']:9.4f}  {c['recall']:6.4f}  {c['support']:7d}"
+                           for name, c in results["per_class"].items()))
+    wrong = misclassified(fabric, model, loader, test_set) if isinstance(test_set, ImageTensorDataset) else None
     if fabric.is_global_zero:
-        out = run_dir / "test" / "metrics.json"
-        out.parent.mkdir(exist_ok=True)
-        utils.atomic_write_text(out, json.dumps(results, indent=2) + "\n")
-        print(f"Wrote {out}")
+        out = run_dir / "test"
+        out.mkdir(exist_ok=True)
+        utils.atomic_write_text(out / "metrics.json", json.dumps(results, indent=2) + "\n")
+        draw_confusion_matrix(results["confusion_matrix"], info.class_names, out / "confusion_matrix.png")
+        written = ["metrics.json", "confusion_matrix.png"]
+        if wrong:
+            draw_misclassified(*wrong, info.class_names, out / "misclassified.png")
+            written.append("misclassified.png")
+        print(f"Wrote {', '.join(written)} to {out}")
+
+
+def per_class(confusion_matrix: list[list[int]], class_names: tuple[str, ...]) -> dict[str, dict]:
+    """Precision, recall and support of each class, from the (true, predicted) counts."""
+    counts = torch.tensor(confusion_matrix, dtype=torch.float64)
+    hits, predicted, actual = counts.diag(), counts.sum(0), counts.sum(1)
+    return {name: {"precision": (hits[i] / predicted[i]).nan_to_num().item(),
+                   "recall": (hits[i] / actual[i]).nan_to_num().item(), "support": int(actual[i])}
+            for i, name in enumerate(class_names)}
+
+
+@torch.no_grad()
+def misclassified(fabric: Fabric, model: torch.nn.Module, loader: DataLoader, dataset: ImageTensorDataset,
+                  limit: int = 32) -> tuple[torch.Tensor, list[int], list[int]] | None:
+    """Up to `limit` wrongly classified images of this rank's shard, as (images in [0, 1], true, predicted)."""
+    model.eval()
+    indices, true, predicted = [], [], []
+    sample_ids = iter(range(fabric.global_rank, len(dataset), fabric.world_size))  # the shard make_eval_loader made
+    for x, y in loader:
+        ids = [next(sample_ids) for _ in range(len(y))]
+        for i, t, p in zip(ids, y.tolist(), model(x).argmax(1).tolist()):
+            if t != p and len(indices) < limit:
+                indices.append(i), true.append(t), predicted.append(p)
+        if len(indices) >= limit:
+            break
+    return (dataset.images[indices].float() / dataset.scale, true, predicted) if indices else None
 
 
 def find_checkpoint(run_dir: Path, which: str) -> Path:

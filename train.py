@@ -7,6 +7,7 @@ import math
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,13 +15,13 @@ from lightning.fabric import Fabric
 from lightning.fabric.utilities.throughput import ThroughputMonitor
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric, MetricCollection, SumMetric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
-from tqdm import tqdm
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
 import utils
 from config import OptimConfig, TrainConfig, UsageError, parse_train_config
 from data import GlobalBatchSampler, load_splits, make_eval_loader, make_train_loader
 from model import build_model
+from plots import draw_curves
 
 FAST_RUN_BATCHES = 2  # --fast_run: optimizer steps per epoch, and validation/test batches
 
@@ -54,7 +55,7 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
     # Everything fabric.save/fabric.load touch: objects with a state_dict, tensors and plain Python values.
     # sample_offset is the position in the current epoch, in samples, so it holds at any world size.
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "epoch": 0, "sample_offset": 0,
-             "global_step": 0, "best_val_acc": -1.0, "loss_sum": torch.zeros((), device=fabric.device),
+             "global_step": 0, "best_val_acc": -1.0, "best_epoch": 0, "loss_sum": torch.zeros((), device=fabric.device),
              "loss_count": 0, "config": asdict(cfg)}
     if cfg.resume:
         checkpoint = utils.load_newest_checkpoint(fabric, Path(cfg.resume), state)
@@ -74,11 +75,11 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
         for logger in fabric.loggers:
             logger.log_hyperparams({**asdict(cfg), "world_size": fabric.world_size, "lr_used": lr,
                                     "batch_size_per_device": batch_size, "grad_accum_steps": accum_steps})
-    num_params = sum(p.numel() for p in model.parameters())
     fabric.print(f"Run dir: {run_dir}\n"
-                 f"{fabric.world_size} device(s) x {batch_size} samples x {accum_steps} accumulation step(s) "
-                 f"= {cfg.optim.eff_batch_size} per optimizer step | lr {lr:.4g} | {fabric.device}, "
-                 f"{cfg.hardware.precision} | {num_params:,} parameters")
+                 f"  {fabric.world_size} device(s) x {batch_size} samples x {accum_steps} accumulation step(s) "
+                 f"= {cfg.optim.eff_batch_size} per optimizer step | lr {lr:.4g} ({cfg.optim.lr_scaling_rule} rule)\n"
+                 f"  {cfg.arch.model}, {sum(p.numel() for p in model.parameters()):,} parameters | {cfg.data.dataset}, "
+                 f"{steps_per_epoch} steps/epoch x {epochs} epochs | {fabric.device}, {cfg.hardware.precision}")
 
     def save_checkpoint(*names: str) -> None:
         """Written once; further names are hard links to the same file. Periodic ones (step-N) rotate."""
@@ -92,8 +93,7 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
     flops_per_step = utils.training_flops_per_step(cfg.arch, info, batch_size) * accum_steps
     stop = utils.StopSignals()
     start_time, start_step = time.perf_counter(), state["global_step"]
-    with tqdm(total=epochs * steps_per_epoch, initial=state["global_step"], disable=not fabric.is_global_zero,
-              desc="train", unit="step", dynamic_ncols=True) as pbar:
+    with utils.Progress(fabric, epochs * steps_per_epoch, state["global_step"]) as progress:
         for epoch in range(state["epoch"], epochs):
             model.train()
             sampler.set_position(epoch, state["sample_offset"])  # we own the epoch, not Fabric's dataloader wrapper
@@ -113,7 +113,7 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
                 scheduler.step()
                 state["global_step"] += 1
                 state["sample_offset"] += cfg.optim.eff_batch_size
-                pbar.update()
+                progress.update()
 
                 if state["global_step"] % log_every == 0:
                     train_loss = fabric.all_reduce(state["loss_sum"] / state["loss_count"]).item()  # the CPU sync
@@ -126,8 +126,7 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
                     fabric.log_dict({"train/loss": train_loss, "lr": lr_now, "epoch": epoch, **speed},
                                     step=state["global_step"])
                     samples_per_s = speed.get("device/samples_per_sec", 0.0) * fabric.world_size
-                    pbar.set_postfix(epoch=epoch + 1, loss=f"{train_loss:.4f}", lr=f"{lr_now:.3g}",
-                                     samples_per_s=f"{samples_per_s:.0f}")
+                    progress.log(epoch + 1, state["global_step"], train_loss, lr_now, samples_per_s)
                     state["loss_sum"].zero_()
                     state["loss_count"] = 0
                 signum = stop.agreed(fabric)
@@ -139,14 +138,13 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
             val = evaluate(fabric, model, val_loader, info.num_classes, FAST_RUN_BATCHES if cfg.fast_run else None)
             state["epoch"], state["sample_offset"] = epoch + 1, 0
             fabric.log_dict({"val/loss": val["loss"], "val/acc": val["acc"], "epoch": epoch}, step=state["global_step"])
-            if fabric.is_global_zero:
-                pbar.write(f"epoch {epoch + 1}/{epochs}  step {state['global_step']}  val loss {val['loss']:.4f}  "
+            progress.write(f"epoch {epoch + 1}/{epochs} step {state['global_step']} val loss {val['loss']:.4f} "
                            f"val acc {val['acc']:.4f}")
             names, signum = [], stop.agreed(fabric)
             if signum or state["epoch"] % cfg.log.checkpoint_frequency == 0:
                 names.append(f"step-{state['global_step']:08d}.ckpt")
             if val["acc"] > state["best_val_acc"]:
-                state["best_val_acc"] = val["acc"]
+                state["best_val_acc"], state["best_epoch"] = val["acc"], epoch + 1
                 names.append("best.ckpt")
             save_checkpoint(*names)
             if signum:
@@ -155,10 +153,14 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
     save_checkpoint("final.ckpt")
     utils.wait_for_checkpoints()  # on disk before the run says it is finished
     seconds, steps = time.perf_counter() - start_time, state["global_step"] - start_step
+    if fabric.is_global_zero:
+        draw_curves(run_dir)  # from the whole run's CSV log, resumed parts included
+    checkpoints = ", ".join(sorted(p.name for p in ckpt_dir.glob("*.ckpt")))
     fabric.print(f"Finished {steps} steps in {seconds:.1f}s ({steps / seconds:.1f} steps/s, "
-                 f"{steps * cfg.optim.eff_batch_size / seconds:.0f} samples/s, validation and checkpoints included): "
-                 f"best val acc {state['best_val_acc']:.4f}\nRun dir: {run_dir}\n"
-                 f"Evaluate: python test.py --out_dir {run_dir}")
+                 f"{steps * cfg.optim.eff_batch_size / seconds:.0f} samples/s, validation and checkpoints included)\n"
+                 f"  best val acc {state['best_val_acc']:.4f} at epoch {state['best_epoch']}\n"
+                 f"  checkpoints: {checkpoints}\n  curves: {run_dir / 'curves.png'} | logs: {run_dir / 'logs'}\n"
+                 f"Run dir: {run_dir}\nEvaluate: python test.py --out_dir {run_dir}")
 
     if cfg.fast_run:  # check the test-split plumbing too; the real evaluation is test.py's job
         test_loader = fabric.setup_dataloaders(
@@ -170,13 +172,15 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
 
 @torch.no_grad()
 def evaluate(fabric: Fabric, model: torch.nn.Module, loader: torch.utils.data.DataLoader, num_classes: int,
-             max_batches: int | None = None) -> dict[str, float]:
-    """Loss, accuracy and macro-F1 over every sample of `loader`, summed exactly over all ranks."""
+             max_batches: int | None = None, confusion_matrix: bool = False) -> dict[str, Any]:
+    """Loss, accuracy and macro-F1 (and the confusion matrix, as lists) over every sample of `loader`,
+    summed exactly over all ranks."""
     model.eval()
     loss, num_samples = MeanMetric().to(fabric.device), SumMetric().to(fabric.device)
     metrics = MetricCollection({
         "acc": MulticlassAccuracy(num_classes, average="micro"),
         "macro_f1": MulticlassF1Score(num_classes, average="macro"),
+        **({"confusion_matrix": MulticlassConfusionMatrix(num_classes)} if confusion_matrix else {}),
     }).to(fabric.device)
     for i, (x, y) in enumerate(loader):
         if i == max_batches:
@@ -186,7 +190,7 @@ def evaluate(fabric: Fabric, model: torch.nn.Module, loader: torch.utils.data.Da
         num_samples.update(len(y))
         metrics.update(logits, y)
     model.train()
-    results = {name: value.item() for name, value in metrics.compute().items()}  # compute() syncs across ranks
+    results = {name: value.tolist() for name, value in metrics.compute().items()}  # compute() syncs across ranks
     return {"loss": loss.compute().item(), **results, "num_samples": int(num_samples.compute().item())}
 
 

@@ -28,6 +28,7 @@ from lightning.fabric.loggers import Logger, TensorBoardLogger
 from lightning.fabric.utilities.throughput import measure_flops
 from lightning.pytorch.loggers import CSVLogger  # Fabric's own CSVLogger cannot log hyperparameters
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from tqdm import tqdm
 
 from config import ArchConfig, TrainConfig, UsageError, to_yaml
 from data import DataInfo
@@ -140,6 +141,38 @@ def training_flops_per_step(cfg: ArchConfig, info: DataInfo, batch_size: int) ->
     return measure_flops(model, lambda: model(x), lambda logits: logits.sum())
 
 
+class Progress:
+    """Training progress, on global rank 0 only: a tqdm bar (step, ETA, loss, lr, samples/s) in a terminal, and
+    plain lines at each log step when the output goes to a file (CI, SLURM logs), where a bar is noise."""
+
+    def __init__(self, fabric: Fabric, total_steps: int, done_steps: int) -> None:
+        self.shown, self.total, self.start = fabric.is_global_zero, total_steps, (time.perf_counter(), done_steps)
+        self.bar = tqdm(total=total_steps, initial=done_steps, desc="train", unit="step", dynamic_ncols=True,
+                        disable=not (self.shown and sys.stderr.isatty()))
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.close()
+
+    def update(self) -> None:
+        self.bar.update()
+
+    def log(self, epoch: int, step: int, loss: float, lr: float, samples_per_s: float) -> None:
+        if not self.bar.disable:
+            self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", lr=f"{lr:.3g}", samples_per_s=f"{samples_per_s:.0f}")
+        elif self.shown:
+            seconds, steps = time.perf_counter() - self.start[0], step - self.start[1]
+            eta = time.strftime("%H:%M:%S", time.gmtime((self.total - step) * seconds / max(steps, 1)))
+            print(f"epoch {epoch} step {step}/{self.total} loss {loss:.4f} lr {lr:.3g} {samples_per_s:.0f} samples/s "
+                  f"eta {eta}", flush=True)
+
+    def write(self, line: str) -> None:
+        if self.shown:
+            self.bar.write(line) if not self.bar.disable else print(line, flush=True)
+
+
 # ------------------------------------------------------------------------------------------- run directory
 
 
@@ -186,14 +219,14 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def make_loggers(cfg: TrainConfig, run_dir: Path, resume_step: int | None) -> list[Logger]:
-    """Loggers writing under RUN_DIR/logs/<name>/. A run resumed from `resume_step` continues the same files
-    (dropping what was logged after that step, before the interruption) and the same wandb run."""
+    """Loggers writing under RUN_DIR/logs/<name>/: csv always, and tensorboard and wandb when asked for. A run
+    resumed from `resume_step` continues the same files (dropping what was logged after that step, before the
+    interruption) and the same wandb run."""
     logs = run_dir / "logs"
-    loggers: list[Logger] = []
-    if "csv" in cfg.logger_name:
-        # Written at every log call (once per log interval), so a killed run keeps its log up to the kill.
-        csv_logger = ResumableCSVLogger(resume_step, save_dir=logs, name="csv", version="", flush_logs_every_n_steps=1)
-        loggers.append(csv_logger)
+    # The CSV log is always kept: it is the run's own record, that curves.png is drawn from. It is written at
+    # every log call (once per log interval), so a killed run keeps its log up to the kill.
+    loggers: list[Logger] = [
+        ResumableCSVLogger(resume_step, save_dir=logs, name="csv", version="", flush_logs_every_n_steps=1)]
     if "tensorboard" in cfg.logger_name:
         purge = {} if resume_step is None else {"purge_step": resume_step + 1}  # TensorBoard drops later events
         loggers.append(TensorBoardLogger(root_dir=logs, name="tensorboard", version="", **purge))

@@ -78,14 +78,13 @@ def run_raw(epochs: int, fused: bool = True) -> dict[str, Any]:
 
 
 def run_template(epochs: int, extra_args: tuple[str, ...] = ()) -> dict[str, Any]:
-    """train.py's main() as it is. Only observed: the progress bar's update() marks each optimizer step's end,
+    """train.py's main() as it is. Only observed: the progress's update() marks each optimizer step's end,
     the training DataLoader's iterator is timed, and so are the checkpoint saves."""
     stamps, data_wait, saves = [], [0.0], []
 
-    class StepClock(train.tqdm):
-        def update(self, n: int = 1) -> Any:
-            stamps.append(time.perf_counter())
-            return super().update(n)
+    def clocked_update(progress: utils.Progress) -> None:
+        stamps.append(time.perf_counter())
+        update(progress)
 
     def timed_loader(*args: Any, **kwargs: Any) -> Any:
         loader = make_train_loader(*args, **kwargs)
@@ -111,8 +110,8 @@ def run_template(epochs: int, extra_args: tuple[str, ...] = ()) -> dict[str, Any
         save_checkpoint(*args, **kwargs)
         saves.append(time.perf_counter() - start)
 
-    save_checkpoint = utils.save_checkpoint
-    with tempfile.TemporaryDirectory() as root, _patched(train, "tqdm", StepClock), \
+    save_checkpoint, update = utils.save_checkpoint, utils.Progress.update
+    with tempfile.TemporaryDirectory() as root, _patched(utils.Progress, "update", clocked_update), \
             _patched(train, "make_train_loader", timed_loader), _patched(utils, "save_checkpoint", timed_save):
         cfg = parse_train_config(["--root_dir", root, "--epochs", str(epochs), *extra_args])
         fabric = utils.make_fabric(cfg.hardware.accelerator, cfg.hardware.devices)
