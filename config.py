@@ -420,5 +420,34 @@ def overrides(old: TrainConfig, new: TrainConfig) -> dict[str, tuple[Any, Any]]:
     return {k: (a[k], b[k]) for k in a if a[k] != b[k] and k != "resume"}
 
 
+def flag_reference() -> str:
+    """The README's flag tables, made from the fields' docstrings (the same text as --help), so they cannot
+    drift: `python config.py` prints them, and a test checks the README against them."""
+    from simple_parsing.docstring import get_attribute_docstring
+
+    def rows(cls: type, instance: Any) -> list[str]:
+        out = []
+        for f in fields(cls):
+            value = getattr(instance, f.name)
+            if is_dataclass(value):
+                out += rows(type(value), value)
+            else:
+                doc = " ".join(get_attribute_docstring(cls, f.name).docstring_below.split())
+                shown = " ".join(value) if isinstance(value, list) else ("\"\"" if value == "" else value)
+                out.append(f"| `--{f.name}` | `{shown}` | {doc} |")
+        return out
+
+    header = ["| flag | default | what it does |", "|---|---|---|"]
+    return "\n".join(["**train.py**", "", *header, *rows(TrainConfig, TrainConfig()),
+                      "| `--config_path` | | YAML file of config values (the layout of a run's config.yaml); flags "
+                      "on the command line override it. |",
+                      "| `--debug` | | On an error, show the full traceback. |", "", "**test.py**", "", *header,
+                      *rows(TestConfig, TestConfig())])
+
+
 def to_yaml(cfg: Any) -> str:
     return yaml.safe_dump(asdict(cfg), sort_keys=False)
+
+
+if __name__ == "__main__":
+    print(flag_reference())
