@@ -1,6 +1,7 @@
 """Scale-out: real multi-process runs (2 CPU processes over gloo) give the numbers of 1 process, evaluation
 counts every sample once, runs resume on another world size, and the launchers users know all work."""
 
+import csv
 import shutil
 import socket
 import subprocess
@@ -102,9 +103,11 @@ def test_test_py_on_two_devices_reports_what_one_device_does(one_process):
     for devices in ["1", "2"]:
         result = run_script("test.py", "--out_dir", str(one_process), "--accelerator", "cpu", "--devices", devices)
         assert result.returncode == 0, result.stderr
-        reports.append(result.stdout.splitlines()[-5:-1])  # the header and the three metric lines
+        lines = result.stdout.splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith("Test split"))
+        reports.append(lines[start:start + 16])  # the header, 3 metrics, and the per-class table
     assert reports[0] == reports[1]
-    assert "359 samples" in reports[0][0]
+    assert "359 samples" in reports[0][0] and "accuracy" in reports[0][2] and reports[0][-1].strip().startswith("9")
 
 
 def cut_at_step_30(run_dir: Path, to: Path) -> Path:
@@ -171,8 +174,8 @@ def test_two_nodes_with_torchrun_make_one_run_that_trains_checkpoints_finishes_a
     torchrun_two_nodes("--resume", str(run_dir), "--epochs", "3")
     assert only_run_dir(tmp_path) == run_dir
     assert torch.load(run_dir / "checkpoints" / "final.ckpt", weights_only=True)["epoch"] == 3
-    train_steps = [int(line.split(",")[2]) for line in (run_dir / "logs/csv/metrics.csv").read_text().splitlines()[1:]
-                   if line.split(",")[3]]
+    rows = csv.DictReader(open(run_dir / "logs" / "csv" / "metrics.csv"))
+    train_steps = [int(row["step"]) for row in rows if row["train/loss"]]
     assert train_steps == list(range(10, 61, 10))  # one writer: every step once, in order, across the resume
 
 
