@@ -1,6 +1,7 @@
 """Train a classifier with Lightning Fabric. `python train.py --help` lists every flag.
 
-Reads top to bottom: run directory and loggers, data, model and optimizer, resume, then the loop.
+main() reads top to bottom: data, model and optimizer, resume, run directory and loggers, then the loop.
+Everything that can fail on bad input fails before the run directory is created.
 """
 
 import math
