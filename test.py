@@ -82,7 +82,9 @@ def misclassified(fabric: Fabric, model: torch.nn.Module, loader: DataLoader, da
         ids = [next(sample_ids) for _ in range(len(y))]
         for i, t, p in zip(ids, y.tolist(), model(x).argmax(1).tolist()):
             if t != p and len(indices) < limit:
-                indices.append(i), true.append(t), predicted.append(p)
+                indices.append(i)
+                true.append(t)
+                predicted.append(p)
         if len(indices) >= limit:
             break
     return (dataset.images[indices].float() / dataset.scale, true, predicted) if indices else None

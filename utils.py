@@ -169,8 +169,10 @@ class Progress:
                   f"eta {eta}", flush=True)
 
     def write(self, line: str) -> None:
-        if self.shown:
-            self.bar.write(line) if not self.bar.disable else print(line, flush=True)
+        if self.shown and not self.bar.disable:
+            self.bar.write(line)  # above the bar, which is then redrawn
+        elif self.shown:
+            print(line, flush=True)
 
 
 # ------------------------------------------------------------------------------------------- run directory
