@@ -57,7 +57,7 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
     # sample_offset is the position in the current epoch, in samples, so it holds at any world size.
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "epoch": 0, "sample_offset": 0,
              "global_step": 0, "best_val_acc": -1.0, "best_epoch": 0, "loss_sum": torch.zeros((), device=fabric.device),
-             "loss_count": 0, "config": asdict(cfg)}
+             "loss_count": 0}
     if cfg.resume:
         checkpoint = utils.load_newest_checkpoint(fabric, Path(cfg.resume), state)
         state["loss_sum"] = state["loss_sum"].to(fabric.device)  # checkpoints load onto the CPU
@@ -69,7 +69,8 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
 
     run_dir = utils.create_run_dir(fabric, cfg)  # only now, when nothing above can fail
     ckpt_dir = run_dir / "checkpoints"
-    state["logger_ids"] = {"wandb": utils.wandb_run_id(run_dir)}
+    # Set after loading, so that a resumed run's checkpoints carry this run's config, not the checkpoint's.
+    state["config"], state["logger_ids"] = asdict(cfg), {"wandb": utils.wandb_run_id(run_dir)}
     # Loggers need RUN_DIR, known only after launch, and the step a resumed run continues from.
     fabric._loggers = utils.make_loggers(cfg, run_dir, state["global_step"] if cfg.resume else None)
     if not cfg.resume:

@@ -209,7 +209,8 @@ def test_resume_can_extend_training_and_a_finished_run_says_so(tmp_path, capsys)
 
     cfg = parse_train_config(["--resume", str(run_dir), "--epochs", "3"])
     utils.make_fabric("cpu", "1").launch(main, cfg)
-    assert torch.load(run_dir / "checkpoints" / "final.ckpt", weights_only=True)["epoch"] == 3
+    final = torch.load(run_dir / "checkpoints" / "final.ckpt", weights_only=True)
+    assert final["epoch"] == 3 and final["config"]["optim"]["epochs"] == 3  # the resumed run's config, not the old
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["epochs"] == 3
     assert only_run_dir(tmp_path) == run_dir
 
