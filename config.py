@@ -3,6 +3,9 @@
 Resolved once (defaults < --config_path YAML < command-line flags), validated once with every problem
 reported together, saved to RUN_DIR/config.yaml, and never mutated afterwards. Numbers that depend on the
 world size (per-device batch, accumulation steps) or on the data (log interval) are computed by methods.
+
+Machinery: the task's own flags live beside its code, DataConfig in data.py and ArchConfig in model.py, and
+check themselves (their `problems()`); --dataset and --model take the names in data.DATASETS and model.MODELS.
 """
 
 import argparse
@@ -17,7 +20,10 @@ from typing import Any, NoReturn, Optional, Sequence
 import simple_parsing
 import yaml
 
-DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
+from data import DATASETS, DataConfig
+from errors import UsageError
+from model import MODELS, ArchConfig
+
 LOGGERS = ("csv", "tensorboard", "wandb")
 LR_SCALING_RULES = ("none", "linear", "sqrt")
 OPTIMIZERS = ("adamw", "sgd")
@@ -28,16 +34,7 @@ CHECKPOINT_CHOICES = ("best", "last", "final")
 
 # Fields that a `--resume` may not change: the checkpoint or the data split would no longer fit the run.
 RESUME_LOCKED = ("seed", "data.dataset", "arch.model", "optim.optimizer", "optim.eff_batch_size")
-
-
-class UsageError(Exception):
-    """A problem with what the user asked for. Reported one line per problem, exit code 2, no traceback."""
-
-    exit_code = 2
-
-    def __init__(self, *problems: str) -> None:
-        super().__init__("\n".join(problems))
-        self.problems = list(problems)
+MONITOR_MODES = ("auto", "min", "max")
 
 
 @dataclass(frozen=True)
@@ -58,30 +55,8 @@ class HardwareConfig:
     """torch.compile the model (before fabric.setup). Pays off on GPUs and long runs; compiling takes a while."""
     channels_last: bool = False
     """Keep the model's conv weights in channels_last memory format (faster convolutions on recent GPUs)."""
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """The dataset. Swap in your own in data.py."""
-
-    dataset: str = "digits"
-    """Dataset: digits (bundled with scikit-learn, offline), mnist, fashion_mnist or cifar10."""
-    data_dir: str = "data"
-    """Where torchvision datasets are stored (downloaded on first use when online)."""
     num_workers: int = 0
     """DataLoader worker processes per device. 0 loads in the main process, best for in-memory tensors."""
-
-
-@dataclass(frozen=True)
-class ArchConfig:
-    """The network. Swap in your own in model.py."""
-
-    model: str = "cnn"
-    """Model: cnn (a small CNN for any of the datasets) or a torchvision classifier name (resnet18, vit_b_16, ...)."""
-    dropout: float = 0.1
-    """Dropout probability before the classifier layers."""
-    pretrained: bool = False
-    """Start a torchvision model from its default pretrained weights (downloaded on first use)."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +123,12 @@ class LogConfig:
     """Also save a periodic checkpoint every N optimizer steps, mid-epoch included; 0 disables."""
     num_checkpoint_keep: int = 3
     """How many periodic checkpoints to keep (best.ckpt and final.ckpt are kept besides)."""
+    monitor: str = ""
+    """Validation metric that picks best.ckpt: val/loss or val/<a metric of the task>; empty: the task's choice
+    (MONITOR in task.py)."""
+    monitor_mode: str = "auto"
+    """Whether best.ckpt has the monitored metric's min or max; auto: min for a loss, else the metric's
+    higher_is_better."""
 
     def log_every_n_steps(self, steps_per_epoch: int) -> int:
         if self.log_per_epoch > 0:
@@ -157,7 +138,7 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Train a classifier with Lightning Fabric. RUN_DIR = ROOT_DIR/YYYYmmdd-HHMMSS-OUT_DIR."""
+    """Train a model with Lightning Fabric. RUN_DIR = ROOT_DIR/YYYYmmdd-HHMMSS-OUT_DIR."""
 
     seed: int = 42
     """Random seed for initialisation, data splits and data order."""
@@ -218,7 +199,7 @@ def validate(cfg: TrainConfig) -> list[str]:
     def one_of(flag: str, value: str, allowed: Sequence[str]) -> None:
         check(value in allowed, f"--{flag} {value!r} is not one of: {', '.join(allowed)}")
 
-    hw, data, arch, opt, log = cfg.hardware, cfg.data, cfg.arch, cfg.optim, cfg.log
+    hw, opt, log = cfg.hardware, cfg.optim, cfg.log
     check(cfg.out_dir != "" and "/" not in cfg.out_dir and cfg.out_dir not in (".", ".."),
           f"--out_dir {cfg.out_dir!r} must be a plain, non-empty directory name")
     check(len(cfg.logger_name) > 0, "--logger_name needs at least one of: " + ", ".join(LOGGERS))
@@ -231,12 +212,8 @@ def validate(cfg: TrainConfig) -> list[str]:
     check(hw.num_nodes >= 1, f"--num_nodes {hw.num_nodes} must be >= 1")
     one_of("strategy", hw.strategy, STRATEGIES)
     one_of("precision", hw.precision, PRECISIONS)
-    one_of("dataset", data.dataset, DATASETS)
-    check(data.num_workers >= 0, f"--num_workers {data.num_workers} must be >= 0")
-    check(arch.model == "cnn" or arch.model in _torchvision_models(),
-          f"--model {arch.model!r} is not cnn or a torchvision classification model (e.g. resnet18, vit_b_16)")
-    check(0 <= arch.dropout < 1, f"--dropout {arch.dropout} must be in [0, 1)")
-    check(not (arch.pretrained and arch.model == "cnn"), "--pretrained needs a torchvision --model, not cnn")
+    check(hw.num_workers >= 0, f"--num_workers {hw.num_workers} must be >= 0")
+    problems += cfg.data.problems() + cfg.arch.problems()  # the task's own flags check themselves
     check(opt.epochs >= 1, f"--epochs {opt.epochs} must be >= 1")
     check(opt.eff_batch_size >= 1, f"--eff_batch_size {opt.eff_batch_size} must be >= 1")
     check(opt.max_batch_size_per_device >= 1,
@@ -255,6 +232,9 @@ def validate(cfg: TrainConfig) -> list[str]:
     check(log.checkpoint_every_n_steps >= 0,
           f"--checkpoint_every_n_steps {log.checkpoint_every_n_steps} must be >= 0 (0 disables)")
     check(log.num_checkpoint_keep >= 1, f"--num_checkpoint_keep {log.num_checkpoint_keep} must be >= 1")
+    check(log.monitor == "" or log.monitor.startswith("val/"),
+          f"--monitor {log.monitor!r} must name a validation metric: val/loss or val/<metric>")
+    one_of("monitor_mode", log.monitor_mode, MONITOR_MODES)
     return problems
 
 
@@ -269,12 +249,6 @@ def validate_test(cfg: TestConfig) -> list[str]:
     return problems
 
 
-def _torchvision_models() -> list[str]:
-    import torchvision
-
-    return torchvision.models.list_models(module=torchvision.models)
-
-
 # ------------------------------------------------------------------------------------------------- parsing
 
 
@@ -287,7 +261,7 @@ class _Parser(simple_parsing.ArgumentParser):
 def _parse(config_class: type, argv: Optional[Sequence[str]], defaults_file: Optional[Path] = None) -> Any:
     """Parse `argv` into `config_class`. Values from `defaults_file`, or from --config_path, replace the
     defaults; flags on the command line override both."""
-    parser = _Parser(description=config_class.__doc__)
+    parser = _Parser(description=config_class.__doc__, epilog=registries() if config_class is TrainConfig else None)
     parser.add_arguments(config_class, dest="cfg")
     parser.add_argument("--debug", action="store_true", help="On an error, show the full traceback.")
     config_path = defaults_file
@@ -441,8 +415,20 @@ def flag_reference() -> str:
     return "\n".join(["**train.py**", "", *header, *rows(TrainConfig, TrainConfig()),
                       "| `--config_path` | | YAML file of config values (the layout of a run's config.yaml); flags "
                       "on the command line override it. |",
-                      "| `--debug` | | On an error, show the full traceback. |", "", "**test.py**", "", *header,
+                      "| `--debug` | | On an error, show the full traceback. |", "",
+                      "The names `--dataset` and `--model` take (the end of `train.py --help`):", "", "```",
+                      registries(), "```", "", "**test.py**", "", *header,
                       *rows(TestConfig, TestConfig())])
+
+
+def registries() -> str:
+    """What --dataset and --model take: the names in data.DATASETS and model.MODELS, each with the first line of
+    its function's docstring. The end of `train.py --help`, and of the README's flag tables."""
+    lines = []
+    for flag, registry in [("--dataset", DATASETS), ("--model", MODELS)]:
+        lines.append(f"{flag}:")
+        lines += [f"  {name:<14} {(fn.__doc__ or '').strip().splitlines()[0]}" for name, fn in registry.items()]
+    return "\n".join(lines)
 
 
 def to_yaml(cfg: Any) -> str:

@@ -1,13 +1,52 @@
-"""Models. To use your own, return it from `build_model`: any nn.Module mapping images to class logits."""
+"""The task's models and the flags that shape them. A fork edits this file.
 
+Add a model: write a function `(cfg, info) -> nn.Module` and put it in MODELS at the bottom; `--model` takes its
+name, and `--help` lists it with the first line of its docstring. Flags that only some models use (like
+`--pretrained`) are fields of ArchConfig, checked in `ArchConfig.problems`.
+"""
+
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config import ArchConfig, UsageError
 from data import DataInfo
+from errors import UsageError
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """The network: models are the functions in MODELS (model.py)."""
+
+    model: str = "cnn"
+    """Model: a name from MODELS in model.py (listed at the end of --help), or any torchvision classification
+    model (resnet18, vit_b_16, ...)."""
+    dropout: float = 0.1
+    """Dropout probability before the classifier layers."""
+    pretrained: bool = False
+    """Start a torchvision model from its default pretrained weights (downloaded on first use)."""
+
+    def problems(self) -> list[str]:
+        """What is wrong with these values, one line each; checked with the rest of the config."""
+        problems = []
+        if self.model not in MODELS and self.model not in _torchvision_models():
+            problems.append(f"--model {self.model!r} is not one of: {', '.join(MODELS)}, or a torchvision "
+                            "classification model (e.g. resnet18, vit_b_16)")
+        if not 0 <= self.dropout < 1:
+            problems.append(f"--dropout {self.dropout} must be in [0, 1)")
+        if self.pretrained and self.model in MODELS:
+            problems.append(f"--pretrained needs a torchvision --model, not {self.model}")
+        return problems
+
+
+def build_model(cfg: ArchConfig, info: DataInfo) -> nn.Module:
+    """The model that --model names, for the data that `info` describes."""
+    if cfg.model in MODELS:
+        return MODELS[cfg.model](cfg, info)
+    return TorchvisionClassifier(cfg.model, info.num_classes, cfg.dropout, cfg.pretrained)
 
 
 class SmallCNN(nn.Module):
@@ -31,6 +70,11 @@ class SmallCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
+
+
+def cnn(cfg: ArchConfig, info: DataInfo) -> nn.Module:
+    """A small CNN (~190k parameters, no batch norm) for any of the image datasets."""
+    return SmallCNN(info.in_channels, info.num_classes, cfg.dropout)
 
 
 class TorchvisionClassifier(nn.Module):
@@ -70,7 +114,13 @@ def _last_linear(net: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
     return net.get_submodule(parent_name), attr, net.get_submodule(name)
 
 
-def build_model(cfg: ArchConfig, info: DataInfo) -> nn.Module:
-    if cfg.model == "cnn":
-        return SmallCNN(info.in_channels, info.num_classes, cfg.dropout)
-    return TorchvisionClassifier(cfg.model, info.num_classes, cfg.dropout, cfg.pretrained)
+def _torchvision_models() -> list[str]:
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+# --model NAME: one line per model. Any other name is looked up among torchvision's classification models.
+MODELS: dict[str, Callable[[ArchConfig, DataInfo], nn.Module]] = {
+    "cnn": cnn,
+}

@@ -1,15 +1,14 @@
 """Figures drawn from a run's own records. Redraw a run's curves with:  python plots.py RUN_DIR"""
 
 import csv
-import math
 import sys
 from pathlib import Path
 
 import matplotlib
+import yaml
 
 matplotlib.use("Agg")  # files only: no display needed on a cluster node
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 
 
 def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -23,24 +22,29 @@ def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def draw_curves(run_dir: Path) -> Path:
-    """RUN_DIR/curves.png: train and val loss, val accuracy and learning rate against the optimizer step."""
+def draw_curves(run_dir: Path, monitor: str | None = None, mode: str = "max") -> Path:
+    """RUN_DIR/curves.png against the optimizer step: train and val loss, then one panel per other validation
+    metric the run logged, then the learning rate. With `monitor`, its best value (`mode` min or max) is marked."""
     series = read_metrics(run_dir)
-    fig, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
+    others = sorted(key for key in series if key.startswith("val/") and key != "val/loss")
+    fig, axes = plt.subplots(1, 2 + len(others), figsize=(5 * (2 + len(others)), 4), constrained_layout=True)
+    loss_ax, metric_axes, lr_ax = axes[0], dict(zip(others, axes[1:-1])), axes[-1]
     for key, label in [("train/loss", "train"), ("val/loss", "val")]:
         if key in series:
             loss_ax.plot(*zip(*series[key]), label=label, marker="o" if key == "val/loss" else None, markersize=3)
-    loss_ax.set(title="loss", xlabel="step", yscale="log")
+    loss_ax.set(title="loss", xlabel="step", yscale="log" if _positive(series, "train/loss", "val/loss") else "linear")
     loss_ax.legend()
-    if "val/acc" in series:
-        acc_ax.plot(*zip(*series["val/acc"]), marker="o", markersize=3, color="tab:green")
-        best_step, best = max(series["val/acc"], key=lambda point: point[1])
-        acc_ax.annotate(f"best {best:.4f}", (best_step, best), textcoords="offset points", xytext=(-40, -15))
-    acc_ax.set(title="validation accuracy", xlabel="step")
+    for key, ax in metric_axes.items():
+        ax.plot(*zip(*series[key]), marker="o", markersize=3, color="tab:green")
+        ax.set(title=key, xlabel="step")
+    if monitor in series:
+        best_step, best = (max if mode == "max" else min)(series[monitor], key=lambda point: point[1])
+        ax = metric_axes.get(monitor, loss_ax)
+        ax.annotate(f"best {best:.4f}", (best_step, best), textcoords="offset points", xytext=(-40, -15))
     if "lr" in series:
         lr_ax.plot(*zip(*series["lr"]), color="tab:purple")
     lr_ax.set(title="learning rate", xlabel="step")
-    for ax in (loss_ax, acc_ax, lr_ax):
+    for ax in axes:
         ax.grid(alpha=0.3)
     fig.suptitle(run_dir.name)
     out = run_dir / "curves.png"
@@ -49,43 +53,18 @@ def draw_curves(run_dir: Path) -> Path:
     return out
 
 
-def draw_confusion_matrix(matrix: list[list[int]], class_names: tuple[str, ...], out: Path) -> Path:
-    """Counts of (true class, predicted class), with each row's recall in the labels."""
-    counts = torch.tensor(matrix)
-    n = len(class_names)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.8 + 0.6 * n), constrained_layout=True)
-    ax.imshow(counts, cmap="Blues")
-    for i in range(n):
-        for j in range(n):
-            color = "white" if counts[i, j] > counts.max() / 2 else "black"
-            ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", color=color, fontsize=8)
-    ax.set(xticks=range(n), yticks=range(n), xticklabels=class_names, yticklabels=class_names,
-           xlabel="predicted", ylabel="true", title=f"confusion matrix ({int(counts.sum())} test samples)")
-    plt.setp(ax.get_xticklabels(), rotation=45 if max(map(len, class_names)) > 2 else 0, ha="right")
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+def _positive(series: dict[str, list[tuple[int, float]]], *keys: str) -> bool:
+    return all(value > 0 for key in keys for _, value in series.get(key, []))
 
 
-def draw_misclassified(images: torch.Tensor, true: list[int], predicted: list[int], class_names: tuple[str, ...],
-                       out: Path) -> Path:
-    """A grid of wrongly classified images (N, C, H, W in [0, 1]), each titled `true -> predicted`."""
-    cols = min(8, len(images))
-    rows = math.ceil(len(images) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False, constrained_layout=True)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, image, t, p in zip(axes.flat, images, true, predicted):
-        picture = image.permute(1, 2, 0).squeeze(-1).clamp(0, 1).numpy()
-        ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None, interpolation="nearest")
-        ax.set_title(f"{class_names[t]} -> {class_names[p]}", fontsize=8, color="tab:red")
-    fig.suptitle("misclassified test images: true -> predicted")
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+def logged_monitor(run_dir: Path) -> tuple[str | None, str]:
+    """The metric that picked the run's best.ckpt, and its mode, as train.py logged them in hparams.yaml."""
+    path = run_dir / "logs" / "csv" / "hparams.yaml"
+    hparams = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    return hparams.get("monitor_used"), hparams.get("monitor_mode_used", "max")
 
 
 if __name__ == "__main__":
     if len(sys.argv) != 2 or not (Path(sys.argv[1]) / "logs" / "csv" / "metrics.csv").is_file():
         sys.exit("usage: python plots.py RUN_DIR   (a run directory with logs/csv/metrics.csv)")
-    print(f"Wrote {draw_curves(Path(sys.argv[1]))}")
+    print(f"Wrote {draw_curves(Path(sys.argv[1]), *logged_monitor(Path(sys.argv[1])))}")

@@ -2,23 +2,24 @@
 
     python test.py --out_dir RUN_DIR [--checkpoint best|last|final|PATH] [--devices N]
 
-Prints loss, accuracy and macro-F1, and writes RUN_DIR/test/metrics.json.
+Prints the loss and every metric of the task, then the task's report (task.report), and writes
+RUN_DIR/test/metrics.json with the same numbers.
 """
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
-import torch
 from lightning.fabric import Fabric
-from torch.utils.data import DataLoader
 
+import checkpoints
+import task
 import utils
-from config import CHECKPOINT_CHOICES, TestConfig, UsageError, load_train_config, parse_test_config
-from data import ImageTensorDataset, load_splits, make_eval_loader
+from config import CHECKPOINT_CHOICES, TestConfig, load_train_config, parse_test_config
+from data import load_splits
+from errors import UsageError, exit_on_usage_error
+from loaders import make_eval_loader
 from model import build_model
-from plots import draw_confusion_matrix, draw_misclassified
-from train import evaluate
+from train import evaluate, scalars
 
 
 def main(fabric: Fabric, cfg: TestConfig) -> None:
@@ -29,65 +30,29 @@ def main(fabric: Fabric, cfg: TestConfig) -> None:
     with fabric.rank_zero_first(local=True):
         _, _, test_set, info = load_splits(train_cfg.data, train_cfg.seed)
     loader = make_eval_loader(test_set, cfg.batch_size, fabric.global_rank, fabric.world_size,
-                              train_cfg.data.num_workers)
+                              train_cfg.hardware.num_workers)
     loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)
-    with fabric.init_module():
-        model = build_model(replace(train_cfg.arch, pretrained=False), info)  # the checkpoint has the weights
+    with fabric.init_module(empty_init=True):  # the checkpoint has the weights: none are downloaded or initialised
+        model = build_model(train_cfg.arch, info)
     model = fabric.setup(model)
     state = {"model": model, "epoch": 0, "global_step": 0}
-    utils.load_checkpoint(fabric, checkpoint, state)
+    checkpoints.load_checkpoint(fabric, checkpoint, state)
 
-    results = {"checkpoint": str(checkpoint), "epoch": state["epoch"], "global_step": state["global_step"],
-               "dataset": train_cfg.data.dataset,
-               **evaluate(fabric, model, loader, info.num_classes, confusion_matrix=True)}
-    results["per_class"] = per_class(results["confusion_matrix"], info.class_names)
-    fabric.print(f"Test split of {train_cfg.data.dataset}: {results['num_samples']} samples, "
-                 f"{checkpoint} (epoch {state['epoch']}, step {state['global_step']})\n"
-                 f"  loss      {results['loss']:.4f}\n"
-                 f"  accuracy  {results['acc']:.4f}\n"
-                 f"  macro_f1  {results['macro_f1']:.4f}\n\n"
-                 f"  {'class':>12}  precision  recall  support\n" +
-                 "\n".join(f"  {name:>12}  {c['precision']:9.4f}  {c['recall']:6.4f}  {c['support']:7d}"
-                           for name, c in results["per_class"].items()))
-    wrong = misclassified(fabric, model, loader, test_set) if isinstance(test_set, ImageTensorDataset) else None
+    results, num_samples = evaluate(fabric, model, loader, task.metrics(info, report=True).to(fabric.device))
+    numbers = scalars(results)
+    fabric.print(f"Test split of {train_cfg.data.dataset}: {num_samples} samples, "
+                 f"{checkpoint} (epoch {state['epoch']}, step {state['global_step']})\n" +
+                 "\n".join(f"  {name:<9} {value:.4f}" for name, value in numbers.items()))
+    out = run_dir / "test"
     if fabric.is_global_zero:
-        out = run_dir / "test"
         out.mkdir(exist_ok=True)
-        utils.atomic_write_text(out / "metrics.json", json.dumps(results, indent=2) + "\n")
-        draw_confusion_matrix(results["confusion_matrix"], info.class_names, out / "confusion_matrix.png")
-        written = ["metrics.json", "confusion_matrix.png"]
-        if wrong:
-            draw_misclassified(*wrong, info.class_names, out / "misclassified.png")
-            written.append("misclassified.png")
-        print(f"Wrote {', '.join(written)} to {out}")
-
-
-def per_class(confusion_matrix: list[list[int]], class_names: tuple[str, ...]) -> dict[str, dict]:
-    """Precision, recall and support of each class, from the (true, predicted) counts."""
-    counts = torch.tensor(confusion_matrix, dtype=torch.float64)
-    hits, predicted, actual = counts.diag(), counts.sum(0), counts.sum(1)
-    return {name: {"precision": (hits[i] / predicted[i]).nan_to_num().item(),
-                   "recall": (hits[i] / actual[i]).nan_to_num().item(), "support": int(actual[i])}
-            for i, name in enumerate(class_names)}
-
-
-@torch.no_grad()
-def misclassified(fabric: Fabric, model: torch.nn.Module, loader: DataLoader, dataset: ImageTensorDataset,
-                  limit: int = 32) -> tuple[torch.Tensor, list[int], list[int]] | None:
-    """Up to `limit` wrongly classified images of this rank's shard, as (images in [0, 1], true, predicted)."""
-    model.eval()
-    indices, true, predicted = [], [], []
-    sample_ids = iter(range(fabric.global_rank, len(dataset), fabric.world_size))  # the shard make_eval_loader made
-    for x, y in loader:
-        ids = [next(sample_ids) for _ in range(len(y))]
-        for i, t, p in zip(ids, y.tolist(), model(x).argmax(1).tolist()):
-            if t != p and len(indices) < limit:
-                indices.append(i)
-                true.append(t)
-                predicted.append(p)
-        if len(indices) >= limit:
-            break
-    return (dataset.images[indices].float() / dataset.scale, true, predicted) if indices else None
+    fabric.barrier()
+    extras = task.report(fabric, model, loader, test_set, info, results, out)
+    if fabric.is_global_zero:
+        summary = {"checkpoint": str(checkpoint), "epoch": state["epoch"], "global_step": state["global_step"],
+                   "dataset": train_cfg.data.dataset, "num_samples": num_samples, **numbers, **extras}
+        utils.atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
+        print(f"Wrote {out / 'metrics.json'}; {out} holds: {', '.join(sorted(p.name for p in out.iterdir()))}")
 
 
 def find_checkpoint(run_dir: Path, which: str) -> Path:
@@ -100,7 +65,7 @@ def find_checkpoint(run_dir: Path, which: str) -> Path:
     if which in ("best", "final"):
         path = ckpt_dir / f"{which}.ckpt"
     elif which == "last":
-        periodic = utils.periodic_checkpoints(ckpt_dir)
+        periodic = checkpoints.periodic_checkpoints(ckpt_dir)
         path = periodic[-1] if periodic else ckpt_dir / "step-*.ckpt"
     else:
         path = Path(which)
@@ -112,7 +77,7 @@ def find_checkpoint(run_dir: Path, which: str) -> Path:
 
 def cli(argv: list[str] | None = None) -> None:
     """`python test.py ...`: exit code 0 when done, 2 for bad input."""
-    with utils.exit_on_usage_error():
+    with exit_on_usage_error():
         cfg = parse_test_config(argv)
         find_checkpoint(Path(cfg.out_dir), cfg.checkpoint)  # fail before any process starts
         precision = load_train_config(Path(cfg.out_dir) / "config.yaml").hardware.precision

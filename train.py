@@ -1,26 +1,29 @@
-"""Train a classifier with Lightning Fabric. `python train.py --help` lists every flag.
+"""Train a model with Lightning Fabric. `python train.py --help` lists every flag.
 
 main() reads top to bottom: data, model and optimizer, resume, run directory and loggers, then the loop.
-Everything that can fail on bad input fails before the run directory is created.
+Everything that can fail on bad input fails before the run directory is created, the task's code included.
+The loop never looks inside a batch: task.forward turns it into a loss, and task.metrics says what to measure.
 """
 
 import math
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
-import torch.nn.functional as F
 from lightning.fabric import Fabric
 from lightning.fabric.utilities.throughput import ThroughputMonitor
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric, MetricCollection, SumMetric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
+import checkpoints
+import task
 import utils
-from config import OptimConfig, TrainConfig, UsageError, parse_train_config
-from data import GlobalBatchSampler, load_splits, make_eval_loader, make_train_loader
+from config import LogConfig, OptimConfig, TrainConfig, parse_train_config
+from data import load_splits
+from errors import NonFiniteLoss, UsageError, exit_on_usage_error
+from loaders import GlobalBatchSampler, make_eval_loader, make_train_loader
 from model import build_model
 from plots import draw_curves
 
@@ -37,8 +40,8 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
     if sampler.steps_per_epoch == 0:
         raise UsageError(f"--eff_batch_size {cfg.optim.eff_batch_size} is larger than the {len(train_set)} "
                          "training samples: no full batch fits in an epoch")
-    train_loader = make_train_loader(train_set, sampler, cfg.data.num_workers)
-    val_loader = make_eval_loader(val_set, batch_size, fabric.global_rank, fabric.world_size, cfg.data.num_workers)
+    train_loader = make_train_loader(train_set, sampler, cfg.hardware.num_workers)
+    val_loader = make_eval_loader(val_set, batch_size, fabric.global_rank, fabric.world_size, cfg.hardware.num_workers)
     # Our samplers already shard the data; Fabric only moves batches to the device.
     train_loader, val_loader = fabric.setup_dataloaders(train_loader, val_loader, use_distributed_sampler=False)
 
@@ -53,16 +56,26 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
     model, optimizer = fabric.setup(torch.compile(model) if cfg.hardware.compile else model, optimizer)
     steps_per_epoch, epochs = sampler.steps_per_epoch, cfg.epochs()
     scheduler = warmup_cosine(optimizer, round(cfg.optim.warmup * steps_per_epoch), epochs * steps_per_epoch)
+    metrics = task.metrics(info).to(fabric.device)  # the task's validation metrics, logged as val/<name>
+    monitor, mode = best_checkpoint_rule(cfg.log, metrics)
     # Everything fabric.save/fabric.load touch: objects with a state_dict, tensors and plain Python values.
     # sample_offset is the position in the current epoch, in samples, so it holds at any world size.
     state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "epoch": 0, "sample_offset": 0,
-             "global_step": 0, "best_val_acc": -1.0, "best_epoch": 0, "loss_sum": torch.zeros((), device=fabric.device),
-             "loss_count": 0}
+             "global_step": 0, "best": {"metric": monitor, "value": None, "epoch": 0},
+             "loss_sum": torch.zeros((), device=fabric.device), "loss_count": 0}
+
+    # The task's code meets a real batch before any file is written: a mistake there costs no run directory.
+    first_batch = next(iter(train_loader))
+    evaluate(fabric, model, [first_batch], metrics)
+    flops_per_batch = utils.training_flops(lambda: build_model(cfg.arch, info), task.forward, first_batch)
     if cfg.resume:
-        checkpoint = utils.load_newest_checkpoint(fabric, Path(cfg.resume), state)
+        checkpoint = checkpoints.load_newest_checkpoint(fabric, Path(cfg.resume), state)
         state["loss_sum"] = state["loss_sum"].to(fabric.device)  # checkpoints load onto the CPU
         fabric.print(f"Resuming {cfg.resume} from {checkpoint.name}: epoch {state['epoch']}, "
                      f"step {state['global_step']}")
+        if state["best"]["metric"] != monitor:
+            fabric.print(f"best.ckpt so far followed {state['best']['metric']}; from now on it follows {monitor}")
+            state["best"] = {"metric": monitor, "value": None, "epoch": 0}
         if state["epoch"] >= epochs:
             fabric.print(f"The run already finished its {epochs} epochs; pass a larger --epochs to train further.")
             return
@@ -76,33 +89,35 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
     if not cfg.resume:
         for logger in fabric.loggers:
             logger.log_hyperparams({**asdict(cfg), "world_size": fabric.world_size, "lr_used": lr,
-                                    "batch_size_per_device": batch_size, "grad_accum_steps": accum_steps})
+                                    "batch_size_per_device": batch_size, "grad_accum_steps": accum_steps,
+                                    "monitor_used": monitor, "monitor_mode_used": mode})
     fabric.print(f"Run dir: {run_dir}\n"
                  f"  {fabric.world_size} device(s) x {batch_size} samples x {accum_steps} accumulation step(s) "
                  f"= {cfg.optim.eff_batch_size} per optimizer step | lr {lr:.4g} ({cfg.optim.lr_scaling_rule} rule)\n"
                  f"  {cfg.arch.model}, {sum(p.numel() for p in model.parameters()):,} parameters | {cfg.data.dataset}, "
-                 f"{steps_per_epoch} steps/epoch x {epochs} epochs | {fabric.device}, {cfg.hardware.precision}")
+                 f"{steps_per_epoch} steps/epoch x {epochs} epochs | {fabric.device}, {cfg.hardware.precision}\n"
+                 f"  best.ckpt: {mode} {monitor}")
 
     def save_checkpoint(*names: str) -> None:
         """Written once; further names are hard links to the same file. Periodic ones (step-N) rotate."""
         # The ranks' partial loss sums become their mean: the same logged value, at any world size after a resume.
         state["loss_sum"] = fabric.all_reduce(state["loss_sum"], reduce_op="mean")
-        utils.save_checkpoint(fabric, state, *(ckpt_dir / name for name in names),
-                              keep=cfg.log.num_checkpoint_keep if names and names[0].startswith("step-") else None)
+        keep = cfg.log.num_checkpoint_keep if names and names[0].startswith("step-") else None
+        checkpoints.save_checkpoint(fabric, state, *(ckpt_dir / name for name in names), keep=keep)
 
     log_every, ckpt_every = cfg.log.log_every_n_steps(steps_per_epoch), cfg.log.checkpoint_every_n_steps
     throughput = ThroughputMonitor(fabric, window_size=3)  # samples/s over the last 2 log intervals; MFU on GPUs
-    flops_per_step = utils.training_flops_per_step(cfg.arch, info, batch_size) * accum_steps
+    flops_per_step = None if flops_per_batch is None else flops_per_batch * accum_steps
     stop = utils.StopSignals()
     start_time, start_step = time.perf_counter(), state["global_step"]
     with utils.Progress(fabric, epochs * steps_per_epoch, state["global_step"]) as progress:
         for epoch in range(state["epoch"], epochs):
             model.train()
             sampler.set_position(epoch, state["sample_offset"])  # we own the epoch, not Fabric's dataloader wrapper
-            for micro_step, (x, y) in enumerate(train_loader):
+            for micro_step, batch in enumerate(train_loader):
                 is_accumulating = (micro_step + 1) % accum_steps != 0
                 with fabric.no_backward_sync(model, enabled=is_accumulating):  # all-reduce only on the last micro-batch
-                    loss = F.cross_entropy(model(x), y)
+                    loss, _, _ = task.forward(model, batch)  # the task's loss; predictions are for the metrics
                     fabric.backward(loss / accum_steps)
                 state["loss_sum"] += loss.detach()  # summed on the device: no sync per step
                 state["loss_count"] += 1
@@ -120,10 +135,11 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
                 if state["global_step"] % log_every == 0:
                     train_loss = fabric.all_reduce(state["loss_sum"] / state["loss_count"]).item()  # the CPU sync
                     if not math.isfinite(train_loss):
-                        raise utils.NonFiniteLoss(f"the training loss is {train_loss} at step {state['global_step']}")
+                        raise NonFiniteLoss(f"the training loss is {train_loss} at step {state['global_step']}")
                     steps, lr_now = state["global_step"] - start_step, scheduler.get_last_lr()[0]
                     throughput.update(time=time.perf_counter() - start_time, batches=steps,
-                                      samples=steps * batch_size * accum_steps, flops=steps * flops_per_step)
+                                      samples=steps * batch_size * accum_steps,
+                                      flops=None if flops_per_step is None else steps * flops_per_step)
                     speed = {k: v for k, v in throughput.compute().items() if k.endswith(("_per_sec", "mfu"))}
                     fabric.log_dict({"train/loss": train_loss, "lr": lr_now, "epoch": epoch, **speed},
                                     step=state["global_step"])
@@ -137,63 +153,84 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
                 if signum:
                     raise utils.Preempted(signum, run_dir)
 
-            val = evaluate(fabric, model, val_loader, info.num_classes, FAST_RUN_BATCHES if cfg.fast_run else None)
+            val = scalars(evaluate(fabric, model, val_loader, metrics, FAST_RUN_BATCHES if cfg.fast_run else None)[0])
             state["epoch"], state["sample_offset"] = epoch + 1, 0
-            fabric.log_dict({"val/loss": val["loss"], "val/acc": val["acc"], "epoch": epoch}, step=state["global_step"])
-            progress.write(f"epoch {epoch + 1}/{epochs} step {state['global_step']} val loss {val['loss']:.4f} "
-                           f"val acc {val['acc']:.4f}")
+            fabric.log_dict({**{f"val/{name}": value for name, value in val.items()}, "epoch": epoch},
+                            step=state["global_step"])
+            progress.write(f"epoch {epoch + 1}/{epochs} step {state['global_step']} " +
+                           " ".join(f"val {name} {value:.4f}" for name, value in val.items()))
             names, signum = [], stop.agreed(fabric)
             if signum or state["epoch"] % cfg.log.checkpoint_frequency == 0:
                 names.append(f"step-{state['global_step']:08d}.ckpt")
-            if val["acc"] > state["best_val_acc"]:
-                state["best_val_acc"], state["best_epoch"] = val["acc"], epoch + 1
+            if improves(val[monitor.removeprefix("val/")], state["best"]["value"], mode):
+                state["best"] = {"metric": monitor, "value": val[monitor.removeprefix("val/")], "epoch": epoch + 1}
                 names.append("best.ckpt")
             save_checkpoint(*names)
             if signum:
                 raise utils.Preempted(signum, run_dir)
 
     save_checkpoint("final.ckpt")
-    utils.wait_for_checkpoints()  # on disk before the run says it is finished
+    checkpoints.wait_for_checkpoints()  # on disk before the run says it is finished
     seconds, steps = time.perf_counter() - start_time, state["global_step"] - start_step
     if fabric.is_global_zero:
-        draw_curves(run_dir)  # from the whole run's CSV log, resumed parts included
-    checkpoints = ", ".join(sorted(p.name for p in ckpt_dir.glob("*.ckpt")))
+        draw_curves(run_dir, monitor, mode)  # from the whole run's CSV log, resumed parts included
+    saved = ", ".join(sorted(p.name for p in ckpt_dir.glob("*.ckpt")))
     fabric.print(f"Finished {steps} steps in {seconds:.1f}s ({steps / seconds:.1f} steps/s, "
                  f"{steps * cfg.optim.eff_batch_size / seconds:.0f} samples/s, validation and checkpoints included)\n"
-                 f"  best val acc {state['best_val_acc']:.4f} at epoch {state['best_epoch']}\n"
-                 f"  checkpoints: {checkpoints}\n  curves: {run_dir / 'curves.png'} | logs: {run_dir / 'logs'}\n"
+                 f"  best {monitor} {state['best']['value']:.4f} at epoch {state['best']['epoch']}\n"
+                 f"  checkpoints: {saved}\n  curves: {run_dir / 'curves.png'} | logs: {run_dir / 'logs'}\n"
                  f"Run dir: {run_dir}\nEvaluate: python test.py --out_dir {run_dir}")
 
     if cfg.fast_run:  # check the test-split plumbing too; the real evaluation is test.py's job
         test_loader = fabric.setup_dataloaders(
-            make_eval_loader(test_set, batch_size, fabric.global_rank, fabric.world_size, cfg.data.num_workers),
+            make_eval_loader(test_set, batch_size, fabric.global_rank, fabric.world_size, cfg.hardware.num_workers),
             use_distributed_sampler=False)
-        test = evaluate(fabric, model, test_loader, info.num_classes, FAST_RUN_BATCHES)
-        fabric.print(f"fast_run test batches: loss {test['loss']:.4f}, acc {test['acc']:.4f}")
+        test = scalars(evaluate(fabric, model, test_loader, task.metrics(info).to(fabric.device), FAST_RUN_BATCHES)[0])
+        fabric.print("fast_run test batches: " + ", ".join(f"{name} {value:.4f}" for name, value in test.items()))
 
 
 @torch.no_grad()
-def evaluate(fabric: Fabric, model: torch.nn.Module, loader: torch.utils.data.DataLoader, num_classes: int,
-             max_batches: int | None = None, confusion_matrix: bool = False) -> dict[str, Any]:
-    """Loss, accuracy and macro-F1 (and the confusion matrix, as lists) over every sample of `loader`,
-    summed exactly over all ranks."""
+def evaluate(fabric: Fabric, model: torch.nn.Module, loader: Iterable, metrics: MetricCollection,
+             max_batches: int | None = None) -> tuple[dict[str, float | list], int]:
+    """The mean loss and the task's metrics over every sample of `loader`, summed exactly over all ranks (scalars
+    as floats, others as lists), and the number of samples."""
     model.eval()
     loss, num_samples = MeanMetric().to(fabric.device), SumMetric().to(fabric.device)
-    metrics = MetricCollection({
-        "acc": MulticlassAccuracy(num_classes, average="micro"),
-        "macro_f1": MulticlassF1Score(num_classes, average="macro"),
-        **({"confusion_matrix": MulticlassConfusionMatrix(num_classes)} if confusion_matrix else {}),
-    }).to(fabric.device)
-    for i, (x, y) in enumerate(loader):
+    metrics.reset()
+    for i, batch in enumerate(loader):
         if i == max_batches:
             break
-        logits = model(x)
-        loss.update(F.cross_entropy(logits, y), weight=len(y))
-        num_samples.update(len(y))
-        metrics.update(logits, y)
+        batch_loss, preds, target = task.forward(model, batch)
+        loss.update(batch_loss, weight=len(target))
+        num_samples.update(len(target))
+        metrics.update(preds, target)
     model.train()
-    results = {name: value.tolist() for name, value in metrics.compute().items()}  # compute() syncs across ranks
-    return {"loss": loss.compute().item(), **results, "num_samples": int(num_samples.compute().item())}
+    results = {"loss": loss.compute(), **metrics.compute()}  # compute() syncs across ranks
+    return ({name: value.item() if value.numel() == 1 else value.tolist() for name, value in results.items()},
+            int(num_samples.compute().item()))
+
+
+def scalars(results: dict[str, Any]) -> dict[str, float]:
+    """The results that are single numbers: these are logged, printed and plotted."""
+    return {name: value for name, value in results.items() if isinstance(value, float)}
+
+
+def best_checkpoint_rule(cfg: LogConfig, metrics: MetricCollection) -> tuple[str, str]:
+    """(metric, "min" or "max") that best.ckpt follows: --monitor, else the task's MONITOR; --monitor_mode, else
+    min for the loss and, for a metric, what its higher_is_better says."""
+    monitor = cfg.monitor or task.MONITOR
+    name = monitor.removeprefix("val/")
+    if name != "loss" and name not in metrics:
+        raise UsageError(f"--monitor {monitor!r} is not one of: val/loss, {', '.join('val/' + k for k in metrics)}")
+    higher_is_better = False if name == "loss" else metrics[name].higher_is_better
+    if cfg.monitor_mode == "auto" and higher_is_better is None:
+        raise UsageError(f"--monitor_mode auto: {monitor} does not say whether higher is better; "
+                         "pass --monitor_mode min or max")
+    return monitor, ("max" if higher_is_better else "min") if cfg.monitor_mode == "auto" else cfg.monitor_mode
+
+
+def improves(score: float, best: float | None, mode: str) -> bool:
+    return best is None or (score > best if mode == "max" else score < best)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float, fused: bool) -> torch.optim.Optimizer:
@@ -219,7 +256,7 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
 def cli(argv: list[str] | None = None) -> None:
     """`python train.py ...`: exit code 0 when done, 2 for bad input, 3 for a non-finite loss, and 128 + N
     after a checkpoint asked for by signal N (143 SIGTERM, 138 SIGUSR1, 130 Ctrl-C)."""
-    with utils.exit_on_usage_error():
+    with exit_on_usage_error():
         cfg = parse_train_config(argv)
         hw = cfg.hardware
         fabric = utils.make_fabric(hw.accelerator, hw.devices, hw.num_nodes, hw.strategy, hw.precision)

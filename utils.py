@@ -1,62 +1,35 @@
-"""Setup and file bookkeeping for train.py and test.py: run directories, loggers, checkpoints, RNG state."""
+"""Machinery for train.py and test.py: launching, stop signals, FLOPs, progress, run directories and loggers.
 
-import contextlib
+Nothing here knows the task: what a batch holds, the loss and the metrics live in task.py (see the README).
+"""
+
 import csv
 import io
-import math
 import os
-import pickle
-import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import time
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
-import numpy as np
 import torch
 from lightning.fabric import Fabric
 from lightning.fabric.connector import _is_using_cli
 from lightning.fabric.loggers import Logger, TensorBoardLogger
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.fabric.utilities.throughput import measure_flops
 from lightning.pytorch.loggers import CSVLogger  # Fabric's own CSVLogger cannot log hyperparameters
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from tqdm import tqdm
 
-from config import ArchConfig, TrainConfig, UsageError, to_yaml
-from data import DataInfo
-from model import build_model
-
-PERIODIC_CHECKPOINT = re.compile(r"^step-(\d+)\.ckpt$")
-
-
-@contextlib.contextmanager
-def exit_on_usage_error() -> Iterator[None]:
-    """Turn a UsageError into one `error:` line per problem on stderr and its exit code (2, or 3 for a
-    non-finite loss); `--debug` shows the traceback instead."""
-    try:
-        yield
-    except UsageError as err:
-        if "--debug" in sys.argv:
-            raise
-        for problem in err.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        sys.exit(err.exit_code)
-
-
-class NonFiniteLoss(UsageError):
-    exit_code = 3
-
-    def __init__(self, problem: str) -> None:
-        super().__init__(f"{problem}; stopped without saving, so the newest checkpoint holds the last finite weights. "
-                         "Resume from it with a lower --lr or a --grad_clip")
+from checkpoints import clean_up_after_crash, wait_for_checkpoints
+from config import TrainConfig, to_yaml
+from errors import UsageError
 
 
 class Preempted(Exception):
@@ -133,12 +106,18 @@ def _call_then_leave_process_group(function: Callable, args: tuple, fabric: Fabr
             torch.distributed.destroy_process_group()
 
 
-def training_flops_per_step(cfg: ArchConfig, info: DataInfo, batch_size: int) -> int:
-    """FLOPs of a forward and backward pass over one micro-batch, counted on the meta device (no memory, no time)."""
-    with torch.device("meta"):
-        model = build_model(replace(cfg, pretrained=False), info)
-        x = torch.empty(batch_size, info.in_channels, info.image_size, info.image_size)
-    return measure_flops(model, lambda: model(x), lambda logits: logits.sum())
+def training_flops(build_model: Callable[[], torch.nn.Module], forward: Callable, batch: Any) -> int | None:
+    """FLOPs of a forward and backward pass over `batch`, counted on the meta device (no memory, no time):
+    `forward(model, batch)` returns the loss first. None, with a warning, where an operation has no meta kernel."""
+    try:
+        with torch.device("meta"):
+            model = build_model()
+        batch = move_data_to_device(batch, "meta")
+        return measure_flops(model, lambda: forward(model, batch)[0], lambda loss: loss)
+    except Exception as err:  # noqa: BLE001 - throughput without FLOPs is still worth having
+        warnings.warn(f"could not count the model's FLOPs on the meta device, so no FLOPs/s or MFU will be logged "
+                      f"({type(err).__name__}: {' '.join(str(err).split())[:200]})", stacklevel=2)
+        return None
 
 
 class Progress:
@@ -280,188 +259,3 @@ class _AppendingCSVWriter(ExperimentWriter):
 def wandb_run_id(run_dir: Path) -> str:
     """Derived from the run directory's name, so a resumed run continues the same wandb run."""
     return re.sub(r"[^a-zA-Z0-9_-]", "-", run_dir.name)
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-
-
-def periodic_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """The periodic checkpoints (step-N.ckpt), oldest first, ordered by the step number in their name."""
-    found = [(int(m.group(1)), p) for p in ckpt_dir.glob("step-*.ckpt") if (m := PERIODIC_CHECKPOINT.match(p.name))]
-    return [p for _, p in sorted(found)]
-
-
-_publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-publisher")
-_publishing: list[Future] = []
-
-
-def save_checkpoint(fabric: Fabric, state: dict[str, Any], *paths: Path, keep: int | None = None) -> None:
-    """Save `state` and every rank's RNG states under each of `paths`, each appearing only when complete; then,
-    with `keep`, delete all but the newest `keep` periodic checkpoints.
-
-    It is written once, to a temporary name in the same directory, flushed to disk and renamed (the other
-    names are hard links to it): a crash at any moment leaves either the previous file or the new one, never a
-    partial one. The flush, renames and pruning (disk time, not CPU) run in order in a background thread on
-    rank 0 while training goes on; the end of the run and a requeue wait for them. Non-finite weights are never
-    saved: the last good checkpoint stays the newest.
-    """
-    if not paths:
-        return
-    finite = torch.stack([p.isfinite().all() for p in state["model"].parameters()]).all()
-    if not fabric.all_reduce(finite.float(), reduce_op="min").item():  # one sync per checkpoint, not per step
-        raise NonFiniteLoss(f"the weights are not finite at step {state['global_step']} ({paths[0].name})")
-    tmp = _temporary_name(paths[0])
-    fabric.save(tmp, {**state, "rng": gather_rng_states(fabric)})
-    fabric.barrier()  # every rank's part is written
-    if fabric.global_rank == 0:
-        _publishing.append(_publisher.submit(_publish_and_prune, tmp, paths, keep))
-
-
-def _temporary_name(path: Path) -> Path:
-    """Hidden, unique (a save may be queued while the previous one with the same name is being published)."""
-    return path.with_name(f".{path.name}.{time.monotonic_ns()}.tmp")
-
-
-def _publish_and_prune(tmp: Path, paths: tuple[Path, ...], keep: int | None) -> None:
-    publish(tmp, paths[0])
-    for path in paths[1:]:
-        link = _temporary_name(path)
-        if paths[0].is_dir():  # a sharded checkpoint: directories cannot be hard-linked
-            shutil.copytree(paths[0], link)
-        else:
-            os.link(paths[0], link)
-        publish(link, path)
-    if keep:
-        prune_checkpoints(paths[0].parent, keep)  # only once the new checkpoint is durable
-
-
-def wait_for_checkpoints() -> None:
-    """Until the checkpoints being published are on disk under their names; re-raises a failure (disk full)."""
-    while _publishing:
-        _publishing.pop(0).result()
-
-
-def publish(tmp: Path, path: Path) -> None:
-    """Flush `tmp` to disk and give it the name `path`, atomically. `tmp` may be a directory: the sharded
-    checkpoint that Fabric writes under FSDP. A directory cannot replace another in one step, so an existing
-    one is first renamed aside and deleted only after the new one is in place."""
-    for file in [tmp] if tmp.is_file() else [p for p in tmp.rglob("*") if p.is_file()]:
-        _fsync(file)
-    _fsync(tmp.parent)
-    if tmp.is_dir() and path.exists():
-        old = path.with_name(f".{path.name}.old.tmp")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        remove_checkpoint(old)
-    else:
-        os.replace(tmp, path)
-    _fsync(path.parent)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def remove_checkpoint(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
-
-
-def clean_up_after_crash(ckpt_dir: Path) -> None:
-    """Remove the temporary files a crash left in the middle of `publish`, or put back a checkpoint that it
-    had renamed aside."""
-    for tmp in ckpt_dir.glob(".*.tmp"):
-        original = ckpt_dir / tmp.name[1:].removesuffix(".old.tmp")
-        if tmp.name.endswith(".old.tmp") and not original.exists():  # a crash between publish()'s two renames
-            os.replace(tmp, original)
-        else:
-            remove_checkpoint(tmp)
-
-
-def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` periodic checkpoints."""
-    for path in periodic_checkpoints(ckpt_dir)[:-keep]:
-        remove_checkpoint(path)
-
-
-def load_newest_checkpoint(fabric: Fabric, run_dir: Path, state: dict[str, Any]) -> Path:
-    """Restore `state` from the newest checkpoint of `run_dir` that loads: final.ckpt if training finished,
-    else the periodic ones from the newest back. One that fails to load (truncated, corrupted, another
-    model's) is skipped with a warning and kept on disk."""
-    ckpt_dir = run_dir / "checkpoints"
-    final = ckpt_dir / "final.ckpt"
-    candidates = ([final] if final.exists() else []) + periodic_checkpoints(ckpt_dir)[::-1]
-    for path in candidates:
-        try:
-            load_checkpoint(fabric, path, state)
-            return path
-        except UsageError as err:
-            fabric.print(f"warning: skipping an unloadable checkpoint: {err}", file=sys.stderr)
-    skipped = f" ({len(candidates)} could not be loaded)" if candidates else ""
-    raise UsageError(f"--resume {str(run_dir)!r} has no loadable checkpoint in {ckpt_dir}{skipped}")
-
-
-def load_checkpoint(fabric: Fabric, path: Path, state: dict[str, Any]) -> None:
-    """Restore every key of `state` from `path`, loaded with weights_only=True (a file that carries
-    arbitrary pickled code is refused, not run), and this rank's RNG states."""
-    try:
-        with warnings.catch_warnings():  # a foreign file's pickle protocol is not worth a warning before our error
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            remainder = fabric.load(path, state, strict=True, weights_only=True)
-    except pickle.UnpicklingError:
-        raise UsageError(f"cannot load checkpoint {path}: it holds objects other than tensors and plain Python "
-                         "values, and loading it could run code: refused") from None
-    except Exception as err:  # noqa: BLE001 - any failure to read the file is the user's to know about
-        reason = " ".join(str(err).split()).split(". ")[0]  # torch's first sentence says what went wrong
-        raise UsageError(f"cannot load checkpoint {path}: {reason[:300]}") from None
-    if "rng" in remainder:
-        restore_rng_states(remainder["rng"], fabric.global_rank)
-
-
-# ---------------------------------------------------------------------------------------------------- RNG
-
-
-def capture_rng_states() -> dict[str, torch.Tensor]:
-    """This process's RNG states as tensors only, so they can be gathered and loaded with weights_only=True."""
-    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    py_version, py_internal, py_gauss = random.getstate()
-    states = {
-        "torch": torch.get_rng_state(),
-        "numpy_keys": torch.from_numpy(np_keys.astype(np.int64)),
-        "numpy_rest": torch.tensor([np_pos, np_has_gauss, np_gauss], dtype=torch.float64),
-        "python_internal": torch.tensor(py_internal, dtype=torch.int64),
-        "python_rest": torch.tensor([py_version, math.nan if py_gauss is None else py_gauss], dtype=torch.float64),
-    }
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state()
-    return states
-
-
-def gather_rng_states(fabric: Fabric) -> dict[str, torch.Tensor]:
-    """Every rank's RNG states, each stacked along a first dimension of size world_size."""
-    states = capture_rng_states()
-    if fabric.world_size == 1:
-        return {name: state.unsqueeze(0) for name, state in states.items()}
-    with warnings.catch_warnings():  # Fabric's all_gather goes through torch's differentiable one, now deprecated
-        warnings.filterwarnings("ignore", message=".*all_gather is deprecated")
-        return {name: state.cpu() for name, state in fabric.all_gather(states).items()}
-
-
-def restore_rng_states(states: dict[str, torch.Tensor], rank: int) -> None:
-    """Restore this rank's RNG states. After a change of world size, rank r takes saved rank r % saved."""
-    row = rank % len(states["torch"])
-    torch.set_rng_state(states["torch"][row].clone())  # a copy: set_rng_state reads a row view from its start
-    pos, has_gauss, gauss = states["numpy_rest"][row].tolist()
-    np_keys = states["numpy_keys"][row].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", np_keys, int(pos), int(has_gauss), gauss))
-    version, py_gauss = states["python_rest"][row].tolist()
-    random.setstate((int(version), tuple(states["python_internal"][row].tolist()),
-                     None if math.isnan(py_gauss) else py_gauss))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"][row].clone())

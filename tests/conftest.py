@@ -1,24 +1,44 @@
+"""Two tiers of tests.
+
+- The generic tier (test_train, test_resume, test_distributed, test_bad_inputs, test_config, test_loaders,
+  test_checkpoints) checks the machinery: the loop, checkpoints, resume, distribution, logging, bad input. Whatever
+  trains runs in `fork`: a copy of this repository whose task home (data.py, model.py, task.py) is replaced by the
+  toy task in tests/toy_task (dict batches, regression, lowest error is best), as a fork would replace it. Counts
+  are derived from the run, never pinned. After a fork swaps its own task in, this tier runs and passes unchanged.
+- The task tier (test_digits, test_performance, test_readme) checks the template's own task: digits and the
+  torchvision datasets, the CNN and torchvision models, classification metrics and reports, the README. A fork
+  replaces these files with tests of its own task.
+"""
+
+import contextlib
 import hashlib
+import io
+import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+TOY_TASK = REPO / "tests" / "toy_task"
+TASK_HOME = ("data.py", "model.py", "task.py")  # everything a fork changes to train something else
 
 
-def run_script(script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run train.py or test.py as a user would, offline, and capture what it prints."""
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, str(REPO / script), *args], capture_output=True, text=True, env=env,
-                          cwd=REPO, timeout=timeout)
+def run_script(script: str, *args: str, cwd: Path = REPO, timeout: float = 300,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run train.py or test.py (of the repository, or of `cwd`, e.g. a fork) as a user would, offline."""
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, str(cwd / script), *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=timeout)
 
 
 def train_in_process(root: Path, *args: str) -> Path:
-    """Run train.py's main() in this process (saves the ~7 s import per run); returns the new RUN_DIR."""
+    """Run the repository's train.py main() in this process (saves the ~7 s import per run); returns RUN_DIR."""
     import utils
     from config import parse_train_config
     from train import main
@@ -32,7 +52,7 @@ def train_in_process(root: Path, *args: str) -> Path:
 
 
 def run_cli(script: str, *args: str) -> int:
-    """Call train.py's or test.py's cli() in this process; returns its exit code."""
+    """Call the repository's train.py or test.py cli() in this process; returns its exit code."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(f"{script}_cli", REPO / f"{script}.py")
@@ -60,6 +80,92 @@ def model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return torch.load(checkpoint, weights_only=True)["model"]
 
 
+def max_abs_diff(a: Path, b: Path) -> float:
+    wa, wb = model_weights(a), model_weights(b)
+    assert wa.keys() == wb.keys()
+    return max((wa[k] - wb[k]).abs().max().item() for k in wa)
+
+
+def bitwise_equal(a: Path, b: Path) -> bool:
+    wa, wb = model_weights(a), model_weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+# ------------------------------------------------------------------------------------------ the toy fork
+
+
+class Fork:
+    """A copy of the repository with the toy task swapped in. `run` starts train.py/test.py as a real process;
+    `call` runs their cli() in one long-lived worker process that has imported the fork once (fast)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._worker = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                           initializer=_enter_fork, initargs=(str(path),))
+
+    def run(self, script: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
+        return run_script(script, *args, cwd=self.path, **kwargs)
+
+    def call(self, script: str, *args: str) -> subprocess.CompletedProcess:
+        """Like `run`, in the worker: a CompletedProcess with the exit code and what was printed."""
+        code, out, err = self._worker.submit(_call_cli, script, list(args)).result(timeout=300)
+        return subprocess.CompletedProcess([script, *args], code, out, err)
+
+    def train(self, root: Path, *args: str) -> Path:
+        """train.py in the worker; returns the new RUN_DIR."""
+        before = set(root.iterdir()) if root.exists() else set()
+        result = self.call("train.py", "--root_dir", str(root), *args)
+        assert result.returncode == 0, result.stderr[-3000:]
+        (run_dir,) = set(root.iterdir()) - before
+        return run_dir
+
+    def close(self) -> None:
+        self._worker.shutdown()
+
+
+def _enter_fork(path: str) -> None:
+    os.chdir(path)
+    sys.path.insert(0, path)
+    os.environ["WANDB_MODE"] = "offline"
+
+
+def _call_cli(script: str, args: list[str]) -> tuple[int, str, str]:
+    import importlib
+
+    from config import AUTO_RESUME_ENV
+
+    os.environ.pop(AUTO_RESUME_ENV, None)  # decided once per command, as in a real process
+    module = importlib.import_module(script.removesuffix(".py"))
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            module.cli(args)
+            code = 0
+        except SystemExit as exit:
+            code = exit.code
+        finally:  # as a process's exit would: the background checkpoint publishing finishes
+            importlib.import_module("checkpoints").wait_for_checkpoints()
+    return code, out.getvalue(), err.getvalue()
+
+
+def make_fork(path: Path) -> Path:
+    """Copy the repository's code to `path`, then replace the task home with the toy task's files."""
+    shutil.copytree(REPO, path, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "data", "wandb", "lightning_logs",
+                                                               "__pycache__", ".pytest_cache", "docs", "tests"))
+    replaced = sorted(p.name for p in TOY_TASK.glob("*.py"))
+    assert replaced == sorted(TASK_HOME), "the toy task replaces exactly the task home"
+    for name in replaced:
+        shutil.copy(TOY_TASK / name, path / name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def fork(tmp_path_factory: pytest.TempPathFactory) -> Fork:
+    fork = Fork(make_fork(tmp_path_factory.mktemp("toy") / "fork"))
+    yield fork
+    fork.close()
+
+
 @pytest.fixture(scope="session")
 def default_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
     """The README's quick-start training command, run once for the session."""
@@ -72,6 +178,4 @@ def default_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subproc
 @pytest.fixture(autouse=True)
 def _fresh_auto_resume_decision(monkeypatch: pytest.MonkeyPatch) -> None:
     """--resume auto is decided once per process tree (and handed to children in the environment)."""
-    from config import AUTO_RESUME_ENV
-
-    monkeypatch.delenv(AUTO_RESUME_ENV, raising=False)
+    monkeypatch.delenv("TEMPLATE_AUTO_RESUME_DIR", raising=False)

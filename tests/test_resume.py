@@ -1,5 +1,5 @@
 """Never lose a run: a crash at any moment, a signal, or a damaged checkpoint, then a resume that ends bitwise
-equal to the run that was never interrupted, with logs that read as one run."""
+equal to the run that was never interrupted, with logs that read as one run. (Generic tier: the toy fork.)"""
 
 import csv
 import os
@@ -14,27 +14,30 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, model_weights, only_run_dir, run_script, train_in_process
+from conftest import bitwise_equal, model_weights, only_run_dir
 
 pytestmark = pytest.mark.slow
 
-# 20 optimizer steps per epoch on digits; a checkpoint every 7 steps lands mid-epoch (7, 14, 21, ...) and
-# every epoch (20, 40, ...), so both kinds are exercised.
-ARGS = ["--epochs", "4", "--checkpoint_every_n_steps", "7", "--dropout", "0.2", "--log_interval", "3"]
+EPOCHS = 4
+# A checkpoint every 3 optimizer steps lands mid-epoch as well as on epoch ends, so both kinds are exercised;
+# dropout makes the result depend on the RNG states that a resume must restore.
+ARGS = ["--epochs", str(EPOCHS), "--checkpoint_every_n_steps", "3", "--dropout", "0.2", "--log_interval", "2"]
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
+def reference(fork, tmp_path_factory) -> Path:
     """The uninterrupted run that every interrupted one must equal."""
-    return train_in_process(tmp_path_factory.mktemp("reference"), *ARGS)
+    return fork.train(tmp_path_factory.mktemp("reference"), *ARGS)
+
+
+def steps_per_epoch(run_dir: Path) -> int:
+    final = torch.load(run_dir / "checkpoints" / "final.ckpt", weights_only=True)
+    return final["global_step"] // final["epoch"]
 
 
 def assert_same_run(run_dir: Path, reference: Path) -> None:
     """Final weights bitwise equal, and the CSV log identical: every step once, none missing, same values."""
-    final, expected = model_weights(run_dir / "checkpoints" / "final.ckpt"), model_weights(
-        reference / "checkpoints" / "final.ckpt")
-    assert final.keys() == expected.keys()
-    assert all(torch.equal(final[k], expected[k]) for k in final)
+    assert bitwise_equal(run_dir / "checkpoints" / "final.ckpt", reference / "checkpoints" / "final.ckpt")
     assert logged_values(run_dir) == logged_values(reference)
     assert not list((run_dir / "checkpoints").glob(".*.tmp"))  # the crash's temporary file is cleaned up
 
@@ -48,8 +51,8 @@ def logged_values(run_dir: Path) -> list[dict]:
 # Each crash is injected in a real process: `when` is patched in, and on its n-th call the process kills itself.
 CRASH_RUNNER = textwrap.dedent("""
     import os, signal, sys
-    sys.path.insert(0, {repo!r})
-    import lightning.fabric, utils, train
+    sys.path.insert(0, os.getcwd())
+    import lightning.fabric, checkpoints, train
 
     def crash_on_call(owner, name, n, before=None):
         original, calls = getattr(owner, name), [0]
@@ -72,80 +75,87 @@ CRASH_RUNNER = textwrap.dedent("""
     if when == "mid_write":
         crash_on_call(lightning.fabric.Fabric, "save", n, before=half_written)
     elif when == "before_rename":
-        crash_on_call(utils.os, "replace", n)
+        crash_on_call(checkpoints.os, "replace", n)
     elif when == "before_prune":
-        crash_on_call(utils, "prune_checkpoints", n)
+        crash_on_call(checkpoints, "prune_checkpoints", n)
     train.cli(sys.argv[3:])
 """)
 
 
 @pytest.mark.parametrize(("when", "n"), [
-    ("mid_write", 4),  # the 4th save (step 21, mid-epoch 2) is cut off half-way
-    ("before_rename", 6),  # step 28's complete temporary file is never renamed
-    ("before_prune", 5),  # step 40's checkpoint is on disk, the old ones not yet pruned
+    ("mid_write", 4),  # the 4th save (a mid-epoch one) is cut off half-way
+    ("before_rename", 6),  # a complete temporary file is never renamed
+    ("before_prune", 5),  # a new checkpoint is on disk, the old ones not yet pruned
 ])
-def test_sigkill_while_checkpointing_then_resume_is_bitwise_identical(tmp_path, reference, when, n):
-    runner = tmp_path / "crash_runner.py"
-    runner.write_text(CRASH_RUNNER.format(repo=str(REPO)))
+def test_sigkill_while_checkpointing_then_resume_is_bitwise_identical(fork, tmp_path, reference, when, n):
+    runner = fork.path / "crash_runner.py"
+    runner.write_text(CRASH_RUNNER)
     root = tmp_path / "runs"
     crashed = subprocess.run([sys.executable, str(runner), when, str(n), "--root_dir", str(root), *ARGS],
-                             capture_output=True, text=True, cwd=REPO, timeout=300)
+                             capture_output=True, text=True, cwd=fork.path, timeout=300)
     assert crashed.returncode == -signal.SIGKILL, crashed.stderr
     run_dir = only_run_dir(root)
     assert not (run_dir / "checkpoints" / "final.ckpt").exists()
 
-    _resume(run_dir)
+    resumed = fork.call("train.py", "--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr
     assert only_run_dir(root) == run_dir
     assert_same_run(run_dir, reference)
 
 
-def _resume(run_dir: Path, *args: str) -> None:
-    import utils
-    from config import parse_train_config
-    from train import main
-
-    utils.make_fabric("cpu", "1").launch(main, parse_train_config(["--resume", str(run_dir), *args]))
-
-
-def start_training(root: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, str(REPO / "train.py"), "--root_dir", str(root), *args]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+def start_training(fork, root: Path, *args: str, env: dict | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, str(fork.path / "train.py"), "--root_dir", str(root), *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=fork.path,
                             env={**os.environ, **(env or {})})
 
 
 def wait_for_step(root: Path, step: int, proc: subprocess.Popen) -> None:
-    """Until the CSV log shows `step`: the run is training, mid-epoch."""
+    """Until the CSV log shows `step` or a later one: the run is training."""
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         logs = list(root.glob("*/logs/csv/metrics.csv"))
-        if logs and any(f",{step}," in line for line in logs[0].read_text().splitlines()):  # the step column
-            return
-        time.sleep(0.01)
+        lines = logs[0].read_text().splitlines() if logs else []
+        if len(lines) > 1:
+            column = lines[0].split(",").index("step")
+            if any(int(line.split(",")[column]) >= step for line in lines[1:] if line.count(",") == lines[0].count(",")):
+                return
+        time.sleep(0.005)
     raise AssertionError(f"training never reached step {step}")
 
 
-def test_sigkill_mid_epoch_from_outside_then_resume_auto_is_bitwise_identical(tmp_path, reference):
+SLOW = ["--num_samples", "20000"]  # epochs long enough to be interrupted in the middle, reliably
+
+
+@pytest.fixture(scope="module")
+def slow_reference(fork, tmp_path_factory) -> Path:
+    return fork.train(tmp_path_factory.mktemp("slow_reference"), *ARGS, *SLOW)
+
+
+def test_sigkill_mid_epoch_from_outside_then_resume_auto_is_bitwise_identical(fork, tmp_path, slow_reference):
     root = tmp_path / "runs"
-    proc = start_training(root, *ARGS)
-    wait_for_step(root, 24, proc)  # after the step-21 checkpoint, in the middle of epoch 2
+    per_epoch = steps_per_epoch(slow_reference)
+    proc = start_training(fork, root, *ARGS, *SLOW)
+    wait_for_step(root, per_epoch + 6, proc)  # after a mid-epoch checkpoint of epoch 2
     proc.kill()
     assert proc.wait() == -signal.SIGKILL
     run_dir = only_run_dir(root)
     assert not (run_dir / "checkpoints" / "final.ckpt").exists()
 
     # What a requeued job runs: the same command line, with --resume auto.
-    resumed = run_script("train.py", "--root_dir", str(root), "--resume", "auto", *ARGS)
+    resumed = fork.call("train.py", "--root_dir", str(root), "--resume", "auto", *ARGS, *SLOW)
     assert resumed.returncode == 0, resumed.stderr
     assert f"--resume auto: resuming the newest unfinished run {run_dir}" in resumed.stdout
+    assert re.search(rf"Resuming {run_dir} from step-\d+\.ckpt", resumed.stdout), resumed.stdout
     assert only_run_dir(root) == run_dir
-    assert_same_run(run_dir, reference)
+    assert_same_run(run_dir, slow_reference)
 
 
 @pytest.mark.parametrize(("signum", "exit_code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_stop_signal_saves_exits_with_documented_code_and_resumes_bitwise(tmp_path, reference, signum, exit_code):
+def test_stop_signal_saves_exits_with_documented_code_and_resumes_bitwise(fork, tmp_path, slow_reference, signum,
+                                                                         exit_code):
     root = tmp_path / "runs"
-    proc = start_training(root, *ARGS)
-    wait_for_step(root, 30, proc)
+    proc = start_training(fork, root, *ARGS, *SLOW)
+    wait_for_step(root, steps_per_epoch(slow_reference) + 4, proc)
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == exit_code, err
@@ -154,13 +164,14 @@ def test_stop_signal_saves_exits_with_documented_code_and_resumes_bitwise(tmp_pa
            f"--resume {run_dir}" in out
     newest = sorted((run_dir / "checkpoints").glob("step-*.ckpt"))[-1]
     saved_step = torch.load(newest, weights_only=True)["global_step"]
-    assert saved_step >= 30 and not (run_dir / "checkpoints" / "final.ckpt").exists()
+    assert saved_step >= steps_per_epoch(slow_reference) + 4 and not (run_dir / "checkpoints" / "final.ckpt").exists()
 
-    _resume(run_dir)
-    assert_same_run(run_dir, reference)
+    resumed = fork.call("train.py", "--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(run_dir, slow_reference)
 
 
-def test_sigusr1_with_requeue_calls_scontrol_requeue(tmp_path):
+def test_sigusr1_with_requeue_calls_scontrol_requeue(fork, tmp_path):
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
     calls = tmp_path / "scontrol_calls"
@@ -168,8 +179,8 @@ def test_sigusr1_with_requeue_calls_scontrol_requeue(tmp_path):
     (fake_bin / "scontrol").chmod(0o755)
     root = tmp_path / "runs"
     env = {"PATH": f"{fake_bin}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
-    proc = start_training(root, *ARGS, "--requeue", env=env)
-    wait_for_step(root, 6, proc)
+    proc = start_training(fork, root, *ARGS, *SLOW, "--requeue", env=env)
+    wait_for_step(root, 4, proc)
     proc.send_signal(signal.SIGUSR1)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 138, err
@@ -177,16 +188,15 @@ def test_sigusr1_with_requeue_calls_scontrol_requeue(tmp_path):
     assert list((only_run_dir(root) / "checkpoints").glob("step-*.ckpt"))
 
 
-def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, reference, capfd):
-    run_dir = train_in_process(tmp_path, *ARGS)
+def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(fork, tmp_path, reference):
+    run_dir = fork.train(tmp_path, *ARGS)
     (run_dir / "checkpoints" / "final.ckpt").unlink()  # as if killed just before the end
-    newest = sorted((run_dir / "checkpoints").glob("step-*.ckpt"))[-1]
+    *_, previous, newest = sorted((run_dir / "checkpoints").glob("step-*.ckpt"))
     newest.write_bytes(newest.read_bytes()[:1000])
-    capfd.readouterr()
-    _resume(run_dir)
-    out, err = capfd.readouterr()
-    assert f"warning: skipping an unloadable checkpoint: cannot load checkpoint {newest}" in err
-    assert "Resuming" in out and "from step-00000077.ckpt" in out
+    resumed = fork.call("train.py", "--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"warning: skipping an unloadable checkpoint: cannot load checkpoint {newest}" in resumed.stderr
+    assert f"Resuming {run_dir} from {previous.name}" in resumed.stdout
     assert_same_run(run_dir, reference)
 
 
@@ -195,8 +205,8 @@ class _Exploit:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_a_checkpoint_carrying_a_malicious_pickle_is_refused_not_run(tmp_path):
-    run_dir = train_in_process(tmp_path / "runs", "--epochs", "2")
+def test_a_checkpoint_carrying_a_malicious_pickle_is_refused_not_run(fork, tmp_path):
+    run_dir = fork.train(tmp_path / "runs", "--epochs", "2")
     marker = tmp_path / "PWNED"
     exploit = _Exploit()
     exploit.marker = marker
@@ -204,20 +214,21 @@ def test_a_checkpoint_carrying_a_malicious_pickle_is_refused_not_run(tmp_path):
     evil.write_bytes(pickle.dumps({"model": exploit}))
     (run_dir / "checkpoints" / "final.ckpt").unlink()
 
-    result = run_script("test.py", "--out_dir", str(run_dir), "--checkpoint", str(evil))
+    result = fork.run("test.py", "--out_dir", str(run_dir), "--checkpoint", str(evil))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == (f"error: cannot load checkpoint {evil}: it holds objects other than tensors and "
                                      "plain Python values, and loading it could run code: refused")
-    _resume(run_dir, "--epochs", "3")  # skips it with a warning and resumes from the newest real checkpoint
+    resumed = fork.call("train.py", "--resume", str(run_dir), "--epochs", "3")  # skips it with a warning
+    assert resumed.returncode == 0, resumed.stderr
     assert not marker.exists()
     assert torch.load(run_dir / "checkpoints" / "final.ckpt", weights_only=True)["epoch"] == 3
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(fork, tmp_path):
     root = tmp_path / "runs"
-    # SGD at lr 20, warmed up over 2 epochs: the loss explodes after a dozen or so steps.
-    result = run_script("train.py", "--root_dir", str(root), "--optimizer", "sgd", "--lr", "20", "--warmup", "2",
-                        "--grad_clip", "0", "--epochs", "3", "--checkpoint_every_n_steps", "2", "--log_interval", "1")
+    # SGD at a huge learning rate, warmed up over 2 epochs: the loss explodes after a few steps.
+    result = fork.call("train.py", "--root_dir", str(root), "--optimizer", "sgd", "--lr", "1e4", "--warmup", "2",
+                       "--grad_clip", "0", "--epochs", "3", "--checkpoint_every_n_steps", "1", "--log_interval", "1")
     assert result.returncode == 3 and "Traceback" not in result.stderr
     last_line = result.stderr.strip().splitlines()[-1]
     match = re.fullmatch(r"error: the (training loss is (nan|inf)|weights are not finite) at step (\d+).*", last_line)
@@ -229,18 +240,17 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
         assert torch.load(ckpt, weights_only=True)["global_step"] < int(match.group(3))
 
 
-def test_resume_auto_without_a_run_or_after_a_finished_one_starts_a_new_run(tmp_path, capsys):
-    from config import parse_train_config
+def test_resume_auto_without_a_run_or_after_a_finished_one_starts_a_new_run(fork, tmp_path):
+    started = fork.call("train.py", "--root_dir", str(tmp_path), "--resume", "auto", "--fast_run")
+    assert f"--resume auto: no run named *-run under {tmp_path}: starting a new run" in started.stdout
+    finished = only_run_dir(tmp_path)
 
-    assert parse_train_config(["--root_dir", str(tmp_path), "--resume", "auto"]).resume == ""
-    assert f"--resume auto: no run named *-run under {tmp_path}: starting a new run" in capsys.readouterr().out
+    again = fork.call("train.py", "--root_dir", str(tmp_path), "--resume", "auto", "--fast_run")
+    assert f"the newest run {finished} has finished: starting a new run" in again.stdout
+    newest = max(tmp_path.iterdir())
+    assert newest != finished
 
-    finished = train_in_process(tmp_path, "--fast_run")
-    os.environ.pop("TEMPLATE_AUTO_RESUME_DIR")
-    assert parse_train_config(["--root_dir", str(tmp_path), "--resume", "auto"]).resume == ""
-    assert f"the newest run {finished} has finished: starting a new run" in capsys.readouterr().out
-
-    os.environ.pop("TEMPLATE_AUTO_RESUME_DIR")
-    (finished / "checkpoints" / "final.ckpt").unlink()  # now it looks interrupted
-    cfg = parse_train_config(["--root_dir", str(tmp_path), "--resume", "auto"])
-    assert cfg.resume == str(finished) and cfg.fast_run  # its saved config is used
+    (newest / "checkpoints" / "final.ckpt").unlink()  # now it looks interrupted
+    resumed = fork.call("train.py", "--root_dir", str(tmp_path), "--resume", "auto")  # its saved config is used
+    assert f"resuming the newest unfinished run {newest}" in resumed.stdout
+    assert "The run already finished its 1 epochs" in resumed.stdout  # 1 epoch: the saved --fast_run holds
