@@ -38,10 +38,12 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import checkpoints  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
-from config import DataConfig, parse_train_config  # noqa: E402
-from data import load_splits, make_eval_loader, make_train_loader  # noqa: E402
+from config import parse_train_config  # noqa: E402
+from data import DataConfig, load_splits  # noqa: E402
+from loaders import make_eval_loader, make_train_loader  # noqa: E402
 from model import SmallCNN  # noqa: E402
 
 BATCH_SIZE, LR, SEED = 64, 2e-3, 42
@@ -110,9 +112,9 @@ def run_template(epochs: int, extra_args: tuple[str, ...] = ()) -> dict[str, Any
         save_checkpoint(*args, **kwargs)
         saves.append(time.perf_counter() - start)
 
-    save_checkpoint, update = utils.save_checkpoint, utils.Progress.update
+    save_checkpoint, update = checkpoints.save_checkpoint, utils.Progress.update
     with tempfile.TemporaryDirectory() as root, _patched(utils.Progress, "update", clocked_update), \
-            _patched(train, "make_train_loader", timed_loader), _patched(utils, "save_checkpoint", timed_save):
+            _patched(train, "make_train_loader", timed_loader), _patched(checkpoints, "save_checkpoint", timed_save):
         cfg = parse_train_config(["--root_dir", root, "--epochs", str(epochs), *extra_args])
         fabric = utils.make_fabric(cfg.hardware.accelerator, cfg.hardware.devices)
         train_start = time.perf_counter()

@@ -7,7 +7,7 @@ import pytest
 from conftest import REPO, run_cli, run_script
 
 from config import TestConfig, TrainConfig, _Parser, flag_reference
-from tests.test_data import write_tiny_mnist
+from tests.test_digits import write_tiny_mnist
 
 pytestmark = pytest.mark.slow
 README = (REPO / "README.md").read_text()

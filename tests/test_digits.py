@@ -1,0 +1,236 @@
+"""The template's own task (task tier): digits and the torchvision datasets, the CNN and torchvision models,
+classification metrics and test.py's report, and the task's flags. A fork replaces this file with tests of its
+own task; the generic tier (see conftest.py) keeps checking the machinery.
+"""
+
+import json
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import only_run_dir, run_cli, run_script, train_in_process
+
+from config import flatten, parse_train_config
+from data import DataConfig, DataInfo, load_splits
+from errors import UsageError
+from model import ArchConfig, build_model
+
+# --------------------------------------------------------------------------------------------------- flags
+
+TASK_FLAGS = [
+    ("--dataset", "mnist", "data.dataset", "mnist"),
+    ("--data_dir", "d", "data.data_dir", "d"),
+    ("--model", "resnet18", "arch.model", "resnet18"),
+    ("--dropout", "0.3", "arch.dropout", 0.3),
+]
+
+
+@pytest.mark.parametrize(("flag", "value", "key", "expected"), TASK_FLAGS)
+def test_fabric_demo_task_flags_are_spelled_the_same(flag, value, key, expected):
+    assert flatten(parse_train_config([flag, value]))[key] == expected
+
+
+def test_pretrained_belongs_to_torchvision_models():
+    assert parse_train_config(["--model", "resnet18", "--pretrained"]).arch.pretrained
+    assert ArchConfig(model="cnn", pretrained=True).problems() == ["--pretrained needs a torchvision --model, not cnn"]
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--dataset", "imagenet"], "--dataset 'imagenet' is not one of: digits, mnist, fashion_mnist, cifar10"),
+    (["--model", "resnet9000"], "--model 'resnet9000' is not one of: cnn, or a torchvision classification model"),
+    (["--dropout", "1.5"], "--dropout 1.5 must be in [0, 1)"),
+    (["--pretrained"], "--pretrained needs a torchvision --model, not cnn"),
+    (["--dataset", "mnist", "--data_dir", "{tmp}"], "--dataset mnist: the files are not in {tmp}/MNIST/raw and could "
+                                                     "not be downloaded"),
+])
+def test_bad_task_input_is_one_clear_line_and_creates_no_run(tmp_path, capsys, args, expected):
+    args = [a.format(tmp=tmp_path / "data") for a in args]
+    assert run_cli("train", "--root_dir", str(tmp_path / "runs"), *args) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 1 and errors[0].startswith(f"error: {expected.format(tmp=tmp_path / 'data')}"), errors
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_values_are_all_reported_at_once_through_a_real_process(tmp_path):
+    result = run_script("train.py", "--root_dir", str(tmp_path), "--lr", "-1", "--logger_name", "csv", "foo",
+                        "--dataset", "imagenet", "--model", "resnet9000")
+    assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout
+    assert result.stderr.strip().splitlines() == [
+        "error: --logger_name 'foo' is not one of: csv, tensorboard, wandb",
+        "error: --dataset 'imagenet' is not one of: digits, mnist, fashion_mnist, cifar10",
+        "error: --model 'resnet9000' is not one of: cnn, or a torchvision classification model (e.g. resnet18, vit_b_16)",
+        "error: --lr -1.0 must be > 0"]
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # no run dir was created
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+def test_digits_splits_are_disjoint_and_test_is_the_same_for_every_seed():
+    def ids(dataset):  # identify samples by their pixels
+        return {tuple(x.flatten().tolist()) + (int(y),) for x, y in zip(*dataset.__getitems__(range(len(dataset))))}
+
+    train, val, test, info = load_splits(DataConfig(), seed=1)
+    assert (len(train), len(val), len(test)) == (1295, 143, 359)
+    assert (info.num_classes, info.in_channels) == (10, 1)
+    train2, val2, test2, _ = load_splits(DataConfig(), seed=2)
+    assert torch.equal(test.images, test2.images)  # the test split does not move with the seed
+    assert not torch.equal(val.images, val2.images)  # the validation split does
+    assert not (ids(train) | ids(val) | ids(train2) | ids(val2)) & ids(test)  # no test image is trained on
+    x, y = train.__getitems__([0, 1, 2])
+    assert x.shape == (3, 1, 8, 8) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert abs(train.__getitems__(range(len(train)))[0].mean().item()) < 0.1  # normalised
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """The IDX format of the MNIST files: magic (0, 0, dtype 0x08, ndim), big-endian sizes, then bytes."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", n) for n in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def write_tiny_mnist(data_dir: Path, folder: str = "MNIST", num_train: int = 200, num_test: int = 50) -> None:
+    raw = data_dir / folder / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in [("train", num_train), ("t10k", num_test)]:
+        labels = np.arange(n) % 10
+        images = rng.integers(0, 50, size=(n, 28, 28))
+        images[np.arange(n), labels * 2, :] = 255  # a learnable signal: the label is a bright row
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+
+
+@pytest.mark.parametrize(("dataset", "folder"), [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+def test_mnist_style_datasets_load_offline_through_torchvision(tmp_path, dataset, folder):
+    write_tiny_mnist(tmp_path, folder)
+    train, val, test, info = load_splits(DataConfig(dataset=dataset, data_dir=str(tmp_path)), seed=0)
+    assert (len(train), len(val), len(test)) == (180, 20, 50)
+    assert (info.num_classes, info.in_channels) == (10, 1)
+    x, y = test.__getitems__([3])
+    assert int(y) == 3 and x.shape == (1, 1, 28, 28)
+    assert x[0, 0, 6].mean() > x[0, 0, 7].mean()  # row 2 * label is the bright one
+
+
+def test_cifar10_loads_offline_through_torchvision(tmp_path, monkeypatch):
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    rng = np.random.default_rng(0)
+
+    def write(name, obj):
+        (base / name).write_bytes(pickle.dumps(obj))
+
+    for i in range(1, 6):
+        write(f"data_batch_{i}", {"data": rng.integers(0, 256, (10, 3072), dtype=np.uint8), "labels": list(range(10))})
+    write("test_batch", {"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8), "labels": list(range(10)) * 2})
+    write("batches.meta", {"label_names": [f"class{i}" for i in range(10)]})
+    import torchvision
+
+    # The real files' checksums are hard-coded in torchvision; ours are tiny stand-ins.
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
+    train, val, test, info = load_splits(DataConfig(dataset="cifar10", data_dir=str(tmp_path)), seed=0)
+    assert (len(train), len(val), len(test)) == (45, 5, 20)
+    assert (info.num_classes, info.in_channels) == (10, 3)
+    assert info.class_names[3] == "class3"
+    assert test.__getitems__([0])[0].shape == (1, 3, 32, 32)
+
+
+def test_missing_dataset_files_offline_say_where_to_put_them(tmp_path):
+    with pytest.raises(UsageError, match=rf"not in {tmp_path}/MNIST/raw and could not be downloaded"):
+        load_splits(DataConfig(dataset="mnist", data_dir=str(tmp_path)), seed=0)
+
+# -------------------------------------------------------------------------------------------------- models
+
+@pytest.mark.parametrize(("channels", "size"), [(1, 8), (1, 28), (3, 32)])
+def test_default_cnn_works_for_every_dataset_shape(channels, size):
+    model = build_model(ArchConfig(dropout=0.0), DataInfo(10, channels, tuple("0123456789")))
+    logits = model(torch.randn(4, channels, size, size))
+    assert logits.shape == (4, 10)
+    logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_dropout_setting_reaches_the_cnn():
+    model = build_model(ArchConfig(dropout=0.4), DataInfo(10, 1, ()))
+    assert [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)] == [0.4, 0.4]
+
+
+def test_torchvision_model_by_name_gets_a_head_for_our_classes_and_grey_inputs():
+    model = build_model(ArchConfig(model="resnet18", dropout=0.2), DataInfo(7, 1, ()))
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 7)
+    assert isinstance(model.net.fc[0], torch.nn.Dropout) and model.net.fc[1].out_features == 7
+
+
+def test_vit_inputs_are_resized_to_the_size_it_needs():
+    model = build_model(ArchConfig(model="vit_b_16"), DataInfo(10, 3, ())).eval()
+    assert model.image_size == 224
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+# ---------------------------------------------------------------------------------------- the default run
+
+
+def test_default_run_trains_and_test_py_reports_accuracy(default_run):
+    run_dir, result = default_run
+    assert result.stdout.count(f"Run dir: {run_dir}") == 2  # at the start and at the end
+    assert "  best.ckpt: max val/acc" in result.stdout  # the task's MONITOR; accuracy: higher is better
+    ckpts = {p.name for p in (run_dir / "checkpoints").iterdir()}
+    assert ckpts == {"best.ckpt", "final.ckpt", "step-00000160.ckpt", "step-00000180.ckpt", "step-00000200.ckpt"}
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["epochs"] == 10
+
+    test = run_script("test.py", "--out_dir", str(run_dir))
+    assert test.returncode == 0, test.stderr
+    metrics = json.loads((run_dir / "test" / "metrics.json").read_text())
+    assert metrics["acc"] >= 0.98
+    assert metrics["num_samples"] == 359 and metrics["checkpoint"].endswith("best.ckpt")
+    for name in ["loss", "acc", "macro_f1"]:
+        assert f"  {name:<9} {metrics[name]:.4f}" in test.stdout
+    # Per-class numbers (torchmetrics) agree with the confusion matrix and with the overall accuracy.
+    matrix = torch.tensor(metrics["confusion_matrix"])
+    assert matrix.shape == (10, 10) and matrix.sum() == 359
+    assert matrix.trace().item() / 359 == pytest.approx(metrics["acc"])
+    assert [c["support"] for c in metrics["per_class"].values()] == matrix.sum(1).tolist()
+    for i in range(10):
+        c = metrics["per_class"][str(i)]
+        assert c["recall"] == pytest.approx(matrix[i, i].item() / matrix[i].sum().item())
+        assert c["precision"] == pytest.approx(matrix[i, i].item() / max(1, matrix[:, i].sum().item()))
+    assert f"{'3':>12}  {metrics['per_class']['3']['precision']:9.4f}" in test.stdout
+    for png in ["curves.png", "test/confusion_matrix.png", "test/misclassified.png"]:
+        assert_real_png(run_dir / png)
+
+
+def assert_real_png(path):
+    """A PNG that decodes to a picture with something in it, not a blank canvas."""
+    import matplotlib.image
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+    pixels = matplotlib.image.imread(path)
+    assert pixels.shape[0] > 100 and pixels.shape[1] > 100 and pixels[..., :3].std() > 0.05, path
+
+
+def test_misclassified_images_are_the_wrong_ones_shown_as_they_were(tmp_path):
+    from task import misclassified
+
+    _, _, test_set, _ = load_splits(DataConfig(), seed=0)
+    subset = test_set.subset(torch.arange(40))
+
+    class Guess(torch.nn.Module):  # says 0 for every image
+        def forward(self, x):
+            return torch.zeros(len(x), 10).index_fill_(1, torch.tensor([0]), 1.0)
+
+    loader = torch.utils.data.DataLoader(subset, batch_size=16, sampler=range(40), collate_fn=subset.collate_fn)
+    images, true, predicted = misclassified(Guess(), loader, subset)
+    wrong = (subset.labels != 0).nonzero().flatten()[:32]  # at most 32, in test-split order
+    assert len(wrong) == 32 and true == subset.labels[wrong].tolist() and predicted == [0] * len(wrong)
+    assert torch.allclose(images, subset.images[wrong].float() / 16, atol=1e-6)  # un-normalised, in [0, 1]
+
+
+def test_mnist_trains_end_to_end_on_tiny_offline_files(tmp_path):
+    write_tiny_mnist(tmp_path / "data", num_train=700, num_test=100)
+    run_dir = train_in_process(tmp_path / "runs", "--dataset", "mnist", "--data_dir", str(tmp_path / "data"),
+                               "--epochs", "3", "--eff_batch_size", "32")
+    ckpt = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
+    assert ckpt["best"]["metric"] == "val/acc" and ckpt["best"]["value"] >= 0.9  # the bright row must be learned
