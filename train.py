@@ -162,8 +162,9 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
             names, signum = [], stop.agreed(fabric)
             if signum or state["epoch"] % cfg.log.checkpoint_frequency == 0:
                 names.append(f"step-{state['global_step']:08d}.ckpt")
-            if improves(val[monitor.removeprefix("val/")], state["best"]["value"], mode):
-                state["best"] = {"metric": monitor, "value": val[monitor.removeprefix("val/")], "epoch": epoch + 1}
+            score = val[monitor.removeprefix("val/")]
+            if improves(score, state["best"]["value"], mode):
+                state["best"] = {"metric": monitor, "value": score, "epoch": epoch + 1}
                 names.append("best.ckpt")
             save_checkpoint(*names)
             if signum:
@@ -222,15 +223,20 @@ def best_checkpoint_rule(cfg: LogConfig, metrics: MetricCollection) -> tuple[str
     name = monitor.removeprefix("val/")
     if name != "loss" and name not in metrics:
         raise UsageError(f"--monitor {monitor!r} is not one of: val/loss, {', '.join('val/' + k for k in metrics)}")
+    if cfg.monitor_mode != "auto":
+        return monitor, cfg.monitor_mode
     higher_is_better = False if name == "loss" else metrics[name].higher_is_better
-    if cfg.monitor_mode == "auto" and higher_is_better is None:
+    if higher_is_better is None:
         raise UsageError(f"--monitor_mode auto: {monitor} does not say whether higher is better; "
                          "pass --monitor_mode min or max")
-    return monitor, ("max" if higher_is_better else "min") if cfg.monitor_mode == "auto" else cfg.monitor_mode
+    return monitor, "max" if higher_is_better else "min"
 
 
 def improves(score: float, best: float | None, mode: str) -> bool:
-    return best is None or (score > best if mode == "max" else score < best)
+    """Whether `score` beats `best` (None: nothing yet). A NaN never beats a number, and any score beats a NaN."""
+    if best is None or math.isnan(best):
+        return True
+    return score > best if mode == "max" else score < best
 
 
 def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float, fused: bool) -> torch.optim.Optimizer:

@@ -201,3 +201,33 @@ def test_log_interval_or_log_per_epoch():
     assert LogConfig(log_interval=7).log_every_n_steps(steps_per_epoch=20) == 7
     assert LogConfig(log_per_epoch=4).log_every_n_steps(steps_per_epoch=20) == 5
     assert LogConfig(log_per_epoch=50).log_every_n_steps(steps_per_epoch=20) == 1
+
+
+def test_best_checkpoint_rule_takes_the_direction_from_the_metric_unless_told():
+    from torchmetrics import MeanMetric, MeanSquaredError, MetricCollection
+    from torchmetrics.classification import BinaryAccuracy
+
+    from train import best_checkpoint_rule
+
+    metrics = MetricCollection({"mse": MeanSquaredError(), "acc": BinaryAccuracy(), "mean": MeanMetric()})
+    assert best_checkpoint_rule(LogConfig(monitor="val/loss"), metrics) == ("val/loss", "min")
+    assert best_checkpoint_rule(LogConfig(monitor="val/mse"), metrics) == ("val/mse", "min")
+    assert best_checkpoint_rule(LogConfig(monitor="val/acc"), metrics) == ("val/acc", "max")
+    assert best_checkpoint_rule(LogConfig(monitor="val/acc", monitor_mode="min"), metrics) == ("val/acc", "min")
+    with pytest.raises(UsageError, match=r"--monitor_mode auto: val/mean does not say whether higher is better"):
+        best_checkpoint_rule(LogConfig(monitor="val/mean"), metrics)
+    assert best_checkpoint_rule(LogConfig(monitor="val/mean", monitor_mode="max"), metrics) == ("val/mean", "max")
+    with pytest.raises(UsageError, match=r"--monitor 'val/f1' is not one of: val/loss, val/acc, val/mean, val/mse"):
+        best_checkpoint_rule(LogConfig(monitor="val/f1"), metrics)
+
+
+@pytest.mark.parametrize(("score", "best", "mode", "expected"), [
+    (0.5, None, "min", True), (math.nan, None, "max", True),  # the first epoch is the best so far
+    (0.3, 0.4, "min", True), (0.5, 0.4, "min", False), (0.5, 0.4, "max", True), (0.3, 0.4, "max", False),
+    (0.4, 0.4, "max", False), (0.4, 0.4, "min", False),  # a tie keeps the earlier checkpoint
+    (math.nan, 0.4, "min", False), (math.nan, 0.4, "max", False), (9.0, math.nan, "min", True),
+])
+def test_a_new_best_must_beat_the_old_one_and_nan_never_does(score, best, mode, expected):
+    from train import improves
+
+    assert improves(score, best, mode) is expected
