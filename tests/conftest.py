@@ -149,9 +149,11 @@ def _call_cli(script: str, args: list[str]) -> tuple[int, str, str]:
 
 
 def make_fork(path: Path) -> Path:
-    """Copy the repository's code to `path`, then replace the task home with the toy task's files."""
-    shutil.copytree(REPO, path, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "data", "wandb", "lightning_logs",
-                                                               "__pycache__", ".pytest_cache", "docs", "tests"))
+    """Copy the repository's modules (its top-level .py files) to `path`, then replace the task home with the toy
+    task's files."""
+    path.mkdir(parents=True)
+    for module in REPO.glob("*.py"):
+        shutil.copy(module, path / module.name)
     replaced = sorted(p.name for p in TOY_TASK.glob("*.py"))
     assert replaced == sorted(TASK_HOME), "the toy task replaces exactly the task home"
     for name in replaced:
