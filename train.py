@@ -76,9 +76,11 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
         if state["best"]["metric"] != monitor:
             fabric.print(f"best.ckpt so far followed {state['best']['metric']}; from now on it follows {monitor}")
             state["best"] = {"metric": monitor, "value": None, "epoch": 0}
-        if state["epoch"] >= epochs:
+        if state["epoch"] >= epochs and checkpoint.name == "final.ckpt":
             fabric.print(f"The run already finished its {epochs} epochs; pass a larger --epochs to train further.")
             return
+        if state["epoch"] >= epochs:  # stopped after its last epoch's checkpoint: only the end of the run is left
+            fabric.print(f"Training is done ({epochs} epochs); finishing the run: final.ckpt, curves and summary")
 
     run_dir = utils.create_run_dir(fabric, cfg)  # only now, when nothing above can fail
     ckpt_dir = run_dir / "checkpoints"

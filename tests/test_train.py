@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import Fork, max_abs_diff, model_weights, only_run_dir, run_script, snapshot
+from conftest import Fork, bitwise_equal, max_abs_diff, model_weights, only_run_dir, run_script, snapshot
 
 pytestmark = pytest.mark.slow
 
@@ -211,6 +211,19 @@ def test_resume_can_extend_training_and_a_finished_run_says_so(fork, tmp_path):
     assert final["epoch"] == 3 and final["config"]["optim"]["epochs"] == 3  # the resumed run's config, not the old
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["epochs"] == 3
     assert only_run_dir(tmp_path) == run_dir
+
+
+def test_a_run_stopped_after_its_last_epoch_checkpoint_is_finished_by_its_resume(fork, tmp_path):
+    run_dir = fork.train(tmp_path, "--epochs", "2")
+    last = max((run_dir / "checkpoints").glob("step-*.ckpt"))
+    (run_dir / "checkpoints" / "final.ckpt").unlink()  # as if stopped during the last validation, after its save
+    (run_dir / "curves.png").unlink()
+    finished = fork.call("train.py", "--resume", str(run_dir))
+    assert finished.returncode == 0, finished.stderr
+    assert "Training is done (2 epochs); finishing the run" in finished.stdout and "Finished 0 steps" in finished.stdout
+    assert bitwise_equal(run_dir / "checkpoints" / "final.ckpt", last) and (run_dir / "curves.png").is_file()
+    again = fork.call("train.py", "--root_dir", str(tmp_path), "--resume", "auto")  # a requeued job moves on
+    assert f"the newest run {run_dir} has finished: starting a new run" in again.stdout
 
 
 def test_a_new_run_never_touches_earlier_runs(fork, tmp_path):
