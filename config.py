@@ -96,7 +96,8 @@ class OptimConfig:
     def micro_batching(self, world_size: int) -> tuple[int, int]:
         """(batch_size_per_device, grad_accum_steps), with batch_size_per_device * world_size *
         grad_accum_steps == eff_batch_size exactly. Accumulates only when needed to stay within
-        max_batch_size_per_device, using the fewest steps that split the per-device share evenly."""
+        max_batch_size_per_device, using the fewest steps that split the per-device share evenly. A split into
+        micro-batches of less than half of max_batch_size_per_device (97 = 97 x 1) is refused: it would be slow."""
         per_device, remainder = divmod(self.eff_batch_size, world_size)
         if remainder or per_device == 0:
             raise UsageError(
@@ -106,6 +107,14 @@ class OptimConfig:
         accum = math.ceil(per_device / self.max_batch_size_per_device)
         while per_device % accum:
             accum += 1
+        if accum > 1 and 2 * (per_device // accum) < self.max_batch_size_per_device:
+            step = world_size * self.max_batch_size_per_device
+            nearby = [n for n in (self.eff_batch_size // step * step, (self.eff_batch_size // step + 1) * step) if n]
+            raise UsageError(
+                f"--eff_batch_size {self.eff_batch_size} on {world_size} device(s) splits evenly only into {accum} "
+                f"micro-batches of {per_device // accum} (--max_batch_size_per_device {self.max_batch_size_per_device})"
+                f": that would be slow; use e.g. {' or '.join(map(str, nearby))}"
+            )
         return per_device // accum, accum
 
 

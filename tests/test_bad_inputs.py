@@ -48,6 +48,8 @@ CASES = [
     ("negative workers", "train", ["--num_workers", "-1"], "--num_workers -1 must be >= 0"),
     ("eff batch not divisible", "train", ["--accelerator", "cpu", "--devices", "3"],
      "--eff_batch_size 64 is not divisible by the world size 3"),
+    ("eff batch in tiny micro-batches", "train", ["--eff_batch_size", "97", "--max_batch_size_per_device", "64"],
+     "--eff_batch_size 97 on 1 device(s) splits evenly only into 97 micro-batches of 1"),
     ("eff batch larger than the data", "train", ["--eff_batch_size", "5000"],
      "--eff_batch_size 5000 is larger than the"),
     ("the task's dataset registry", "train", ["--dataset", "imagenet"], "--dataset 'imagenet' is not one of: waves"),

@@ -177,6 +177,20 @@ def test_micro_batching_is_exact_for_any_world_size(args, expected):
     assert per_device <= max_per_device
 
 
+@pytest.mark.parametrize(("eff", "world", "max_per_device", "expected"), [
+    (97, 1, 64, "--eff_batch_size 97 on 1 device(s) splits evenly only into 97 micro-batches of 1 "
+                "(--max_batch_size_per_device 64): that would be slow; use e.g. 64 or 128"),
+    (190, 2, 64, "--eff_batch_size 190 on 2 device(s) splits evenly only into 5 micro-batches of 19 "
+                 "(--max_batch_size_per_device 64): that would be slow; use e.g. 128 or 256"),
+    (7, 1, 4, "--eff_batch_size 7 on 1 device(s) splits evenly only into 7 micro-batches of 1 "
+              "(--max_batch_size_per_device 4): that would be slow; use e.g. 4 or 8"),
+])
+def test_a_split_into_tiny_micro_batches_is_refused_with_sizes_that_split_well(eff, world, max_per_device, expected):
+    with pytest.raises(UsageError) as err:
+        OptimConfig(eff_batch_size=eff, max_batch_size_per_device=max_per_device).micro_batching(world)
+    assert str(err.value) == expected
+
+
 @pytest.mark.parametrize(("eff", "world"), [(64, 3), (10, 4), (2, 4)])
 def test_eff_batch_not_divisible_by_world_size_is_a_clear_error(eff, world):
     with pytest.raises(UsageError, match=f"--eff_batch_size {eff} is not divisible by the world size {world}"):
