@@ -282,7 +282,7 @@ def _parse(config_class: type, argv: Optional[Sequence[str]], defaults_file: Opt
         config_path = config_path or pre_parser.parse_known_args(argv)[0].config_path
     try:
         if config_path is not None:
-            parser.set_defaults(cfg=_read_yaml(config_path))
+            parser.set_defaults(cfg=_nested(_read_yaml(config_path), config_class, config_path))
         return parser.parse_args(argv).cfg
     except RuntimeError as err:  # keys in the file that are not config fields
         raise UsageError(f"config file {config_path}: {' '.join(str(err).split())}") from None
@@ -298,6 +298,31 @@ def _read_yaml(path: Path) -> dict:
     if not isinstance(values, dict):
         raise UsageError(f"config file {path} must hold a mapping of config fields, not {type(values).__name__}")
     return values
+
+
+def _nested(values: dict, config_class: type, path: Path) -> dict:
+    """The file's values in the layout of config.yaml. A flat file (`epochs: 5`, as the flag is spelled) means
+    the same as the nested one (`optim: {epochs: 5}`); a key that is neither is an error that names it."""
+    top = {f.name: f.type for f in fields(config_class)}
+    group_of = {g.name: f.name for f in fields(config_class) if is_dataclass(f.type) for g in fields(f.type)}
+    nested: dict[str, Any] = {}
+    unknown = []
+    for key, value in values.items():
+        if key in top and is_dataclass(top[key]):
+            if not isinstance(value, dict):
+                raise UsageError(f"config file {path}: {key} must be a mapping of its fields, not {value!r}")
+            unknown += [f"{key}.{k}" for k in value if k not in {g.name for g in fields(top[key])}]
+            nested.setdefault(key, {}).update(value)
+        elif key in top:
+            nested[key] = value
+        elif key in group_of:
+            nested.setdefault(group_of[key], {})[key] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise UsageError(f"config file {path}: {', '.join(map(repr, unknown))} "
+                         f"{'is not a config field' if len(unknown) == 1 else 'are not config fields'} (see --help)")
+    return nested
 
 
 def parse_train_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:

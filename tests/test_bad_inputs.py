@@ -22,6 +22,7 @@ def world(fork, tmp_path_factory) -> Path:
     for ckpt in (broken / "checkpoints").glob("*.ckpt"):
         ckpt.write_bytes(ckpt.read_bytes()[:500])
     (root / "unknown_key.yaml").write_text("optim:\n  epochz: 3\n")
+    (root / "unknown_flat_key.yaml").write_text("epochs: 2\nepochz: 3\nlrr: 0.1\n")
     (root / "malformed.yaml").write_text("optim: [unclosed\n")
     (root / "notes.txt").write_text("not a checkpoint")
     torch.save({"model": {"weight": torch.zeros(3)}, "epoch": 0, "global_step": 0}, root / "other_model.ckpt")
@@ -60,7 +61,10 @@ CASES = [
      "--monitor 'val/acc' is not one of: val/loss, val/mae, val/mse"),
     ("unknown monitor mode", "train", ["--monitor_mode", "up"], "--monitor_mode 'up' is not one of: auto, min, max"),
     ("config file missing", "train", ["--config_path", "{world}/nope.yaml"], "config file {world}/nope.yaml: No such"),
-    ("config file unknown key", "train", ["--config_path", "{world}/unknown_key.yaml"], "['epochz'] are not fields"),
+    ("config file unknown key", "train", ["--config_path", "{world}/unknown_key.yaml"],
+     "config file {world}/unknown_key.yaml: 'optim.epochz' is not a config field (see --help)"),
+    ("config file unknown flat key", "train", ["--config_path", "{world}/unknown_flat_key.yaml"],
+     "config file {world}/unknown_flat_key.yaml: 'epochz', 'lrr' are not config fields (see --help)"),
     ("config file malformed", "train", ["--config_path", "{world}/malformed.yaml"], "is not valid YAML"),
     ("resume nowhere", "train", ["--resume", "{world}/runs/nope"], "--resume '{world}/runs/nope': no such run"),
     ("resume not a run", "train", ["--resume", "{world}"], "is not a run directory: it has no config.yaml"),

@@ -90,6 +90,16 @@ def test_config_file_sets_values_and_command_line_flags_override_it(tmp_path):
     assert cfg.optim.base_lr == 0.5 and cfg.comment == "from file"  # the file beats the defaults
 
 
+def test_a_flat_config_file_means_the_same_as_the_nested_layout_of_config_yaml(tmp_path):
+    flat, nested = tmp_path / "flat.yaml", tmp_path / "nested.yaml"
+    flat.write_text("epochs: 3\nbase_lr: 0.5\ncomment: from file\nlog_interval: 7\noptim:\n  warmup: 0.5\n")
+    nested.write_text("optim:\n  epochs: 3\n  base_lr: 0.5\n  warmup: 0.5\ncomment: from file\nlog:\n  log_interval: 7\n")
+    cfg = parse_train_config(["--config_path", str(flat)])
+    assert cfg == parse_train_config(["--config_path", str(nested)])
+    assert (cfg.optim.epochs, cfg.optim.base_lr, cfg.optim.warmup, cfg.log.log_interval) == (3, 0.5, 0.5, 7)
+    assert parse_train_config(["--config_path", str(flat), "--epochs", "4"]).optim.epochs == 4  # flags still win
+
+
 @pytest.mark.parametrize(("content", "needle"), [
     ("optim:\n  epochz: 3\n", "epochz"),  # unknown key
     ("optim: [unclosed\n", "config file"),  # malformed YAML
