@@ -93,6 +93,12 @@ class OptimConfig:
         ratio = self.eff_batch_size / self.base_batch_size
         return self.base_lr * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[self.lr_scaling_rule]
 
+    def lr_rule(self) -> str:
+        """Where learning_rate() comes from, in words, for the banner."""
+        if self.lr is not None:
+            return "--lr, as given"
+        return f"--base_lr {self.base_lr:g} at {self.base_batch_size}, {self.lr_scaling_rule} rule"
+
     def micro_batching(self, world_size: int) -> tuple[int, int]:
         """(batch_size_per_device, grad_accum_steps), with batch_size_per_device * world_size *
         grad_accum_steps == eff_batch_size exactly. Accumulates only when needed to stay within
@@ -176,6 +182,10 @@ class TrainConfig:
 
     def epochs(self) -> int:
         return 1 if self.fast_run else self.optim.epochs
+
+    def log_every_n_steps(self, steps_per_epoch: int) -> int:
+        """--fast_run logs every step, so that the smoke test goes through the training log too."""
+        return 1 if self.fast_run else self.log.log_every_n_steps(steps_per_epoch)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,9 @@ def draw_curves(run_dir: Path, monitor: str | None = None, mode: str = "max") ->
     if monitor in series:
         best_step, best = (max if mode == "max" else min)(series[monitor], key=lambda point: point[1])
         ax = metric_axes.get(monitor, loss_ax)
-        ax.annotate(f"best {best:.4f}", (best_step, best), textcoords="offset points", xytext=(-40, -15))
+        ax.plot([best_step], [best], marker="*", markersize=12, color="tab:red", linestyle="none",
+                label=f"best {best:.4f} (step {best_step})")
+        ax.legend(loc="best")  # placed where it covers the fewest points
     if "lr" in series:
         lr_ax.plot(*zip(*series["lr"]), color="tab:purple")
     lr_ax.set(title="learning rate", xlabel="step")

@@ -95,7 +95,7 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
                                     "monitor_used": monitor, "monitor_mode_used": mode})
     fabric.print(f"Run dir: {run_dir}\n"
                  f"  {fabric.world_size} device(s) x {batch_size} samples x {accum_steps} accumulation step(s) "
-                 f"= {cfg.optim.eff_batch_size} per optimizer step | lr {lr:.4g} ({cfg.optim.lr_scaling_rule} rule)\n"
+                 f"= {cfg.optim.eff_batch_size} per optimizer step | lr {lr:.4g} ({cfg.optim.lr_rule()})\n"
                  f"  {cfg.arch.model}, {sum(p.numel() for p in model.parameters()):,} parameters | {cfg.data.dataset}, "
                  f"{steps_per_epoch} steps/epoch x {epochs} epochs | {fabric.device}, {cfg.hardware.precision}\n"
                  f"  best.ckpt: {mode} {monitor}")
@@ -107,7 +107,7 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
         keep = cfg.log.num_checkpoint_keep if names and names[0].startswith("step-") else None
         checkpoints.save_checkpoint(fabric, state, *(ckpt_dir / name for name in names), keep=keep)
 
-    log_every, ckpt_every = cfg.log.log_every_n_steps(steps_per_epoch), cfg.log.checkpoint_every_n_steps
+    log_every, ckpt_every = cfg.log_every_n_steps(steps_per_epoch), cfg.log.checkpoint_every_n_steps
     throughput = ThroughputMonitor(fabric, window_size=3)  # samples/s over the last 2 log intervals; MFU on GPUs
     flops_per_step = None if flops_per_batch is None else flops_per_batch * accum_steps
     stop = utils.StopSignals()
@@ -139,13 +139,14 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
                     if not math.isfinite(train_loss):
                         raise NonFiniteLoss(f"the training loss is {train_loss} at step {state['global_step']}")
                     steps, lr_now = state["global_step"] - start_step, scheduler.get_last_lr()[0]
-                    throughput.update(time=time.perf_counter() - start_time, batches=steps,
-                                      samples=steps * batch_size * accum_steps,
+                    seconds, samples = time.perf_counter() - start_time, steps * batch_size * accum_steps  # per device
+                    throughput.update(time=seconds, batches=steps, samples=samples,
                                       flops=None if flops_per_step is None else steps * flops_per_step)
                     speed = {k: v for k, v in throughput.compute().items() if k.endswith(("_per_sec", "mfu"))}
-                    fabric.log_dict({"train/loss": train_loss, "lr": lr_now, "epoch": epoch, **speed},
+                    fabric.log_dict({"train/loss": train_loss, "lr": lr_now, "epoch": epoch + 1, **speed},
                                     step=state["global_step"])
-                    samples_per_s = speed.get("device/samples_per_sec", 0.0) * fabric.world_size
+                    # The monitor's rate needs two log steps; before that, the average since the start.
+                    samples_per_s = speed.get("device/samples_per_sec", samples / seconds) * fabric.world_size
                     progress.log(epoch + 1, state["global_step"], train_loss, lr_now, samples_per_s)
                     state["loss_sum"].zero_()
                     state["loss_count"] = 0
@@ -157,7 +158,7 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
 
             val = scalars(evaluate(fabric, model, val_loader, metrics, FAST_RUN_BATCHES if cfg.fast_run else None)[0])
             state["epoch"], state["sample_offset"] = epoch + 1, 0
-            fabric.log_dict({**{f"val/{name}": value for name, value in val.items()}, "epoch": epoch},
+            fabric.log_dict({**{f"val/{name}": value for name, value in val.items()}, "epoch": epoch + 1},
                             step=state["global_step"])
             progress.write(f"epoch {epoch + 1}/{epochs} step {state['global_step']} " +
                            " ".join(f"val {name} {value:.4f}" for name, value in val.items()))

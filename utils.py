@@ -210,7 +210,8 @@ def make_loggers(cfg: TrainConfig, run_dir: Path, resume_step: int | None) -> li
         ResumableCSVLogger(resume_step, save_dir=logs, name="csv", version="", flush_logs_every_n_steps=1)]
     if "tensorboard" in cfg.logger_name:
         purge = {} if resume_step is None else {"purge_step": resume_step + 1}  # TensorBoard drops later events
-        loggers.append(TensorBoardLogger(root_dir=logs, name="tensorboard", version="", **purge))
+        loggers.append(TensorBoardLogger(root_dir=logs, name="tensorboard", version="", default_hp_metric=False,
+                                         **purge))
     if "wandb" in cfg.logger_name:
         from lightning.pytorch.loggers import WandbLogger
 

@@ -219,6 +219,8 @@ def test_lr_scaling_rules(rule, eff, expected):
 
 def test_explicit_lr_wins_over_the_scaling_rule():
     assert OptimConfig(base_lr=1e-3, eff_batch_size=256, lr=0.3).learning_rate() == 0.3
+    assert OptimConfig(base_lr=1e-3, eff_batch_size=256, lr=0.3).lr_rule() == "--lr, as given"  # what the banner says
+    assert OptimConfig(base_lr=1e-3, eff_batch_size=256).lr_rule() == "--base_lr 0.001 at 64, linear rule"
 
 
 def test_log_interval_or_log_per_epoch():

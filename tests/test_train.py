@@ -72,7 +72,7 @@ def test_every_scalar_metric_of_the_task_is_logged_printed_plotted_and_tested(fo
 
 def test_best_ckpt_follows_the_task_metric_down_when_lower_is_better(toy_run):
     run_dir, result = toy_run
-    val = [(int(row["epoch"]) + 1, float(row["val/mae"])) for row in csv_rows(run_dir) if row["val/mae"]]
+    val = [(int(row["epoch"]), float(row["val/mae"])) for row in csv_rows(run_dir) if row["val/mae"]]
     best_epoch, best_mae = min(val, key=lambda point: point[1])
     assert best_epoch != EPOCHS  # the minimum, not merely the newest
     best = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
@@ -89,7 +89,7 @@ def test_best_ckpt_follows_the_task_metric_down_when_lower_is_better(toy_run):
                                                        (["--monitor", "val/mse", "--monitor_mode", "max"], "val/mse", max)])
 def test_monitor_flags_choose_the_metric_and_direction_of_best_ckpt(fork, toy_run, tmp_path, flags, metric, pick):
     run_dir = fork.train(tmp_path, *TOY_ARGS, *flags)
-    val = [(int(row["epoch"]) + 1, float(row[metric])) for row in csv_rows(run_dir) if row[metric]]
+    val = [(int(row["epoch"]), float(row[metric])) for row in csv_rows(run_dir) if row[metric]]
     best_epoch, _ = pick(val, key=lambda point: point[1])
     default_best = torch.load(toy_run[0] / "checkpoints" / "best.ckpt", weights_only=True)["epoch"]
     assert best_epoch not in (EPOCHS, default_best)  # neither the newest nor what val/mae picked
@@ -158,7 +158,13 @@ def test_fabric_demo_usage_works_verbatim(fork, tmp_path):
     assert result.returncode == 0, result.stderr
     run_dir = only_run_dir(tmp_path)
     per_epoch = steps_per_epoch(run_dir)
-    assert list((run_dir / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "logs" / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "val/loss", "val/mae", "epoch"} <= set(events.Tags()["scalars"])
+    assert "hp_metric" not in events.Tags()["scalars"]  # no placeholder -1 next to the real metrics
+    assert [e.value for e in events.Scalars("epoch")][-1] == 10  # epochs count from 1, as on the console
     rows = csv_rows(run_dir)
     every = max(1, per_epoch // 4)
     assert [int(r["step"]) for r in rows if r["train/loss"]] == list(range(every, 10 * per_epoch + 1, every))
@@ -174,6 +180,16 @@ def test_rotation_keeps_the_newest_periodic_checkpoints_plus_best_and_final(fork
     per_epoch = steps_per_epoch(run_dir)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
         "best.ckpt", "final.ckpt", f"step-{5 * per_epoch:08d}.ckpt", f"step-{6 * per_epoch:08d}.ckpt"]
+
+
+def test_fast_run_goes_through_the_training_log_with_a_real_rate(fork, tmp_path):
+    result = fork.call("train.py", "--root_dir", str(tmp_path), "--fast_run")
+    assert result.returncode == 0, result.stderr
+    rows = csv_rows(only_run_dir(tmp_path))
+    assert [int(r["step"]) for r in rows if r["train/loss"]] == [1, 2]
+    rates = [float(line.split(" samples/s")[0].split()[-1]) for line in result.stdout.splitlines()
+             if " samples/s eta " in line]
+    assert len(rates) == 2 and all(rate > 0 for rate in rates)  # not "0 samples/s" before the monitor's window
 
 
 def test_checkpoints_load_with_weights_only_and_hold_what_resume_needs(fork, tmp_path):
