@@ -4,10 +4,12 @@ Nothing here knows the task: what a batch holds, the loss and the metrics live i
 """
 
 import csv
+import fcntl
 import io
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -158,24 +160,52 @@ class Progress:
 
 
 def create_run_dir(fabric: Fabric, cfg: TrainConfig) -> Path:
-    """RUN_DIR for this run, decided once on rank 0 and broadcast to every rank.
+    """RUN_DIR for this run, decided once on rank 0 and broadcast to every rank, and locked for this run.
 
     A fresh run creates exactly one new ROOT_DIR/YYYYmmdd-HHMMSS-OUT_DIR (one second later if that name is
     taken, so two runs never share a directory) and writes config.yaml into it before training starts.
-    A resumed run uses the given directory, and rewrites its config.yaml only if flags overrode it.
+    A resumed run uses the given directory, and rewrites its config.yaml only if flags overrode it. Either way
+    rank 0 holds the run's lock first: a second process that would write into a run being trained stops with
+    a one-line error, before it changes anything.
     """
-    run_dir = None
+    run_dir, problem = None, None
     if fabric.global_rank == 0:
-        if cfg.resume:
-            run_dir = Path(cfg.resume)
-            clean_up_after_crash(run_dir / "checkpoints")
-        else:
-            run_dir = _new_run_dir(Path(cfg.root_dir), cfg.out_dir)
-        # The saved config describes the run; how this process was launched (--resume) is not part of it.
-        config_path, text = run_dir / "config.yaml", to_yaml(replace(cfg, resume=""))
-        if not config_path.exists() or config_path.read_text() != text:
-            atomic_write_text(config_path, text)
-    return Path(fabric.broadcast(str(run_dir), src=0))
+        run_dir = Path(cfg.resume) if cfg.resume else _new_run_dir(Path(cfg.root_dir), cfg.out_dir)
+        problem = lock_run_dir(run_dir)
+        if problem is None:
+            if cfg.resume:
+                clean_up_after_crash(run_dir / "checkpoints")
+            # The saved config describes the run; how this process was launched (--resume) is not part of it.
+            config_path, text = run_dir / "config.yaml", to_yaml(replace(cfg, resume=""))
+            if not config_path.exists() or config_path.read_text() != text:
+                atomic_write_text(config_path, text)
+    run_dir, problem = fabric.broadcast((str(run_dir), problem), src=0)
+    if problem:
+        raise UsageError(problem)
+    return Path(run_dir)
+
+
+_locks: dict[Path, int] = {}  # run dir -> open file descriptor holding its lock, for this process's lifetime
+
+
+def lock_run_dir(run_dir: Path) -> str | None:
+    """Hold RUN_DIR/.lock for the rest of this process: one run has one writer. The kernel releases the lock
+    when the process ends, however it ends (after the background checkpoint publishing has finished), so a
+    killed run never leaves it behind. None when held, else the problem, naming the holder."""
+    if run_dir.resolve() in _locks:
+        return None
+    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        return (f"{run_dir} is being trained by {holder}: a run has one writer at a time. Let it finish or stop "
+                "it (SIGTERM saves a checkpoint), then resume")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} (since {time.strftime('%Y-%m-%d %H:%M:%S')})".encode())
+    _locks[run_dir.resolve()] = fd
+    return None
 
 
 def _new_run_dir(root_dir: Path, out_dir: str) -> Path:

@@ -254,3 +254,21 @@ def test_resume_auto_without_a_run_or_after_a_finished_one_starts_a_new_run(fork
     resumed = fork.call("train.py", "--root_dir", str(tmp_path), "--resume", "auto")  # its saved config is used
     assert f"resuming the newest unfinished run {newest}" in resumed.stdout
     assert "The run already finished its 1 epochs" in resumed.stdout  # 1 epoch: the saved --fast_run holds
+
+
+def test_a_second_writer_into_a_run_being_trained_is_refused_in_one_line(fork, tmp_path):
+    root = tmp_path / "runs"
+    proc = start_training(fork, root, *ARGS, *SLOW, "--epochs", "40")
+    wait_for_step(root, 4, proc)
+    run_dir = only_run_dir(root)
+    for args in (["--resume", str(run_dir)], ["--root_dir", str(root), "--resume", "auto", *ARGS, *SLOW]):
+        second = fork.call("train.py", *args)
+        assert proc.poll() is None, "the first run should still be training"
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+        assert second.stderr.strip().splitlines()[-1].startswith(
+            f"error: {run_dir} is being trained by pid {proc.pid} on "), second.stderr
+    proc.send_signal(signal.SIGTERM)  # the first run saves and stops; its lock goes with its process
+    assert proc.wait(timeout=120) == 143
+    finished = fork.call("train.py", "--resume", str(run_dir), "--epochs", "1")  # now a writer may take over
+    assert finished.returncode == 0, finished.stderr
+    assert (run_dir / "checkpoints" / "final.ckpt").is_file()
