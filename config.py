@@ -32,8 +32,11 @@ STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp", "deepspeed", "dp")
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "transformer-engine")
 CHECKPOINT_CHOICES = ("best", "last", "final")
 
-# Fields that a `--resume` may not change: the checkpoint or the data split would no longer fit the run.
-RESUME_LOCKED = ("seed", "data.dataset", "arch.model", "optim.optimizer", "optim.eff_batch_size")
+# Fields that a `--resume` may not change: the checkpoint or the data split would no longer fit the run. The task's
+# groups name theirs in a RESUME_LOCKED class attribute (DataConfig: dataset; ArchConfig: model).
+RESUME_LOCKED = ("seed", "optim.optimizer", "optim.eff_batch_size",
+                 *(f"data.{name}" for name in getattr(DataConfig, "RESUME_LOCKED", ())),
+                 *(f"arch.{name}" for name in getattr(ArchConfig, "RESUME_LOCKED", ())))
 MONITOR_MODES = ("auto", "min", "max")
 
 
@@ -286,7 +289,7 @@ def _parse(config_class: type, argv: Optional[Sequence[str]], defaults_file: Opt
     config_path = defaults_file
     if config_class is TrainConfig:
         parser.add_argument("--config_path", type=Path, help="YAML file of config values (the layout of a run's "
-                            "config.yaml); flags on the command line override it.")
+                            "config.yaml, or flat: epochs: 5); flags on the command line override it.")
         pre_parser = argparse.ArgumentParser(add_help=False)
         pre_parser.add_argument("--config_path", type=Path)
         config_path = config_path or pre_parser.parse_known_args(argv)[0].config_path
@@ -457,8 +460,8 @@ def flag_reference() -> str:
 
     header = ["| flag | default | what it does |", "|---|---|---|"]
     return "\n".join(["**train.py**", "", *header, *rows(TrainConfig, TrainConfig()),
-                      "| `--config_path` | | YAML file of config values (the layout of a run's config.yaml); flags "
-                      "on the command line override it. |",
+                      "| `--config_path` | | YAML file of config values (the layout of a run's config.yaml, or flat: "
+                      "epochs: 5); flags on the command line override it. |",
                       "| `--debug` | | On an error, show the full traceback. |", "",
                       "The names `--dataset` and `--model` take (the end of `train.py --help`):", "", "```",
                       registries(), "```", "", "**test.py**", "", *header,
@@ -471,8 +474,12 @@ def registries() -> str:
     lines = []
     for flag, registry in [("--dataset", DATASETS), ("--model", MODELS)]:
         lines.append(f"{flag}:")
-        lines += [f"  {name:<14} {(fn.__doc__ or '').strip().splitlines()[0]}" for name, fn in registry.items()]
+        lines += [f"  {name:<14} {first_line(fn.__doc__)}" for name, fn in registry.items()]
     return "\n".join(lines)
+
+
+def first_line(docstring: Optional[str]) -> str:
+    return (docstring or "").strip().split("\n")[0]
 
 
 def to_yaml(cfg: Any) -> str:

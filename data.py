@@ -1,17 +1,20 @@
 """The task's data: datasets, their splits, and the flags that choose them. A fork edits this file.
 
 Add a dataset: write a function `(cfg) -> (fit, test, info)` and put it in DATASETS at the bottom. `--dataset`
-takes its name, and `--help` lists it with the first line of its docstring. `fit` is split into train and val
-by the seed; `test` is never trained on. Items may be anything the task's `forward` unpacks (tuples, dicts,
-dataclasses); Fabric moves nested tensors to the device.
+takes its name, and `--help` lists it with the first line of its docstring. `fit` (any map-style dataset) is
+split into train and val by the seed; `test` is never trained on. Items may be anything the task's `forward`
+unpacks (tuples, dicts, dataclasses); Fabric moves nested tensors to the device.
+
+What the machinery uses from here: DataConfig (with its `dataset` field and `problems()`), DATASETS and
+load_splits.
 """
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from errors import UsageError
 
@@ -22,6 +25,8 @@ DIGITS_TEST_FRACTION = 0.2  # digits has no official test split: a fixed 20% is 
 @dataclass(frozen=True)
 class DataConfig:
     """The data: datasets are the functions in DATASETS (data.py)."""
+
+    RESUME_LOCKED: ClassVar[tuple[str, ...]] = ("dataset",)  # a resume that changed them would not fit its checkpoint
 
     dataset: str = "digits"
     """Dataset: a name from DATASETS in data.py (listed at the end of --help)."""
@@ -82,7 +87,14 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset, Dataset, 
     fit, test, info = DATASETS[cfg.dataset](cfg)
     order = torch.randperm(len(fit), generator=torch.Generator().manual_seed(seed))
     num_val = int(len(fit) * VAL_FRACTION)
-    return fit.subset(order[num_val:]), fit.subset(order[:num_val]), test, info
+    return _subset(fit, order[num_val:]), _subset(fit, order[:num_val]), test, info
+
+
+def _subset(dataset: Dataset, indices: torch.Tensor) -> Dataset:
+    """In-memory images stay one batch-serving tensor; any other dataset is wrapped in a Subset."""
+    if isinstance(dataset, ImageTensorDataset):
+        return dataset.subset(indices)
+    return Subset(dataset, indices.tolist())
 
 
 def digits(cfg: DataConfig) -> tuple[ImageTensorDataset, ImageTensorDataset, DataInfo]:

@@ -3,11 +3,13 @@
 Add a model: write a function `(cfg, info) -> nn.Module` and put it in MODELS at the bottom; `--model` takes its
 name, and `--help` lists it with the first line of its docstring. Flags that only some models use (like
 `--pretrained`) are fields of ArchConfig, checked in `ArchConfig.problems`.
+
+What the machinery uses from here: ArchConfig (with its `model` field and `problems()`), MODELS and build_model.
 """
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,8 @@ from errors import UsageError
 @dataclass(frozen=True)
 class ArchConfig:
     """The network: models are the functions in MODELS (model.py)."""
+
+    RESUME_LOCKED: ClassVar[tuple[str, ...]] = ("model",)  # a resume that changed them would not fit its checkpoint
 
     model: str = "cnn"
     """Model: a name from MODELS in model.py (listed at the end of --help), or any torchvision classification
@@ -42,11 +46,12 @@ class ArchConfig:
         return problems
 
 
-def build_model(cfg: ArchConfig, info: DataInfo) -> nn.Module:
-    """The model that --model names, for the data that `info` describes."""
+def build_model(cfg: ArchConfig, info: DataInfo, pretrained: bool = True) -> nn.Module:
+    """The model that --model names, for the data that `info` describes. `pretrained=False` where the weights
+    come from elsewhere (test.py's checkpoint) or do not matter (FLOPs on the meta device): nothing is downloaded."""
     if cfg.model in MODELS:
         return MODELS[cfg.model](cfg, info)
-    return TorchvisionClassifier(cfg.model, info.num_classes, cfg.dropout, cfg.pretrained)
+    return TorchvisionClassifier(cfg.model, info.num_classes, cfg.dropout, cfg.pretrained and pretrained)
 
 
 class SmallCNN(nn.Module):

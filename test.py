@@ -33,7 +33,7 @@ def main(fabric: Fabric, cfg: TestConfig) -> None:
                               train_cfg.hardware.num_workers)
     loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)
     with fabric.init_module(empty_init=True):  # the checkpoint has the weights: none are downloaded or initialised
-        model = build_model(train_cfg.arch, info)
+        model = build_model(train_cfg.arch, info, pretrained=False)
     model = fabric.setup(model)
     state = {"model": model, "epoch": 0, "global_step": 0}
     checkpoints.load_checkpoint(fabric, checkpoint, state)

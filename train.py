@@ -40,6 +40,9 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
     if sampler.steps_per_epoch == 0:
         raise UsageError(f"--eff_batch_size {cfg.optim.eff_batch_size} is larger than the {len(train_set)} "
                          "training samples: no full batch fits in an epoch")
+    if len(val_set) == 0:
+        raise UsageError(f"--dataset {cfg.data.dataset}: the validation split is empty, so no checkpoint could be "
+                         "chosen as the best; use more data")
     train_loader = make_train_loader(train_set, sampler, cfg.hardware.num_workers)
     val_loader = make_eval_loader(val_set, batch_size, fabric.global_rank, fabric.world_size, cfg.hardware.num_workers)
     # Our samplers already shard the data; Fabric only moves batches to the device.
@@ -57,25 +60,28 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
     steps_per_epoch, epochs = sampler.steps_per_epoch, cfg.epochs()
     scheduler = warmup_cosine(optimizer, round(cfg.optim.warmup * steps_per_epoch), epochs * steps_per_epoch)
     metrics = task.metrics(info).to(fabric.device)  # the task's validation metrics, logged as val/<name>
-    monitor, mode = best_checkpoint_rule(cfg.log, metrics)
-    # Everything fabric.save/fabric.load touch: objects with a state_dict, tensors and plain Python values.
-    # sample_offset is the position in the current epoch, in samples, so it holds at any world size.
-    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "epoch": 0, "sample_offset": 0,
-             "global_step": 0, "best": {"metric": monitor, "value": None, "epoch": 0},
-             "loss_sum": torch.zeros((), device=fabric.device), "loss_count": 0}
 
     # The task's code meets a real batch before any file is written: a mistake there costs no run directory.
     first_batch = next(iter(train_loader))
-    evaluate(fabric, model, [first_batch], metrics)
-    flops_per_batch = utils.training_flops(lambda: build_model(cfg.arch, info), task.forward, first_batch)
+    logged = scalars(evaluate(fabric, model, [first_batch], metrics)[0])  # what each epoch will log as val/<name>
+    monitor, mode = best_checkpoint_rule(cfg.log, metrics, logged)
+    # Everything fabric.save/fabric.load touch: objects with a state_dict, tensors and plain Python values.
+    # sample_offset is the position in the current epoch, in samples, so it holds at any world size.
+    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "epoch": 0, "sample_offset": 0,
+             "global_step": 0, "best": {"metric": monitor, "mode": mode, "value": None, "epoch": 0},
+             "loss_sum": torch.zeros((), device=fabric.device), "loss_count": 0}
+    flops_per_batch = utils.training_flops(lambda: build_model(cfg.arch, info, pretrained=False), task.forward,
+                                           first_batch)
     if cfg.resume:
         checkpoint = checkpoints.load_newest_checkpoint(fabric, Path(cfg.resume), state)
         state["loss_sum"] = state["loss_sum"].to(fabric.device)  # checkpoints load onto the CPU
         fabric.print(f"Resuming {cfg.resume} from {checkpoint.name}: epoch {state['epoch']}, "
                      f"step {state['global_step']}")
-        if state["best"]["metric"] != monitor:
-            fabric.print(f"best.ckpt so far followed {state['best']['metric']}; from now on it follows {monitor}")
-            state["best"] = {"metric": monitor, "value": None, "epoch": 0}
+        before = state["best"]
+        if (before["metric"], before["mode"]) != (monitor, mode):
+            fabric.print(f"best.ckpt so far followed the {before['mode']} {before['metric']}; from now on it follows "
+                         f"the {mode} {monitor}")
+            state["best"] = {"metric": monitor, "mode": mode, "value": None, "epoch": 0}
         if state["epoch"] >= epochs and checkpoint.name == "final.ckpt":
             fabric.print(f"The run already finished its {epochs} epochs; pass a larger --epochs to train further.")
             return
@@ -167,7 +173,7 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
                 names.append(f"step-{state['global_step']:08d}.ckpt")
             score = val[monitor.removeprefix("val/")]
             if improves(score, state["best"]["value"], mode):
-                state["best"] = {"metric": monitor, "value": score, "epoch": epoch + 1}
+                state["best"].update(value=score, epoch=epoch + 1)
                 names.append("best.ckpt")
             save_checkpoint(*names)
             if signum:
@@ -181,7 +187,7 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
     saved = ", ".join(sorted(p.name for p in ckpt_dir.glob("*.ckpt")))
     fabric.print(f"Finished {steps} steps in {seconds:.1f}s ({steps / seconds:.1f} steps/s, "
                  f"{steps * cfg.optim.eff_batch_size / seconds:.0f} samples/s, validation and checkpoints included)\n"
-                 f"  best {monitor} {state['best']['value']:.4f} at epoch {state['best']['epoch']}\n"
+                 f"  {best_summary(state['best'])}\n"
                  f"  checkpoints: {saved}\n  curves: {run_dir / 'curves.png'} | logs: {run_dir / 'logs'}\n"
                  f"Run dir: {run_dir}\nEvaluate: python test.py --out_dir {run_dir}")
 
@@ -209,8 +215,11 @@ def evaluate(fabric: Fabric, model: torch.nn.Module, loader: Iterable, metrics: 
         num_samples.update(len(target))
         metrics.update(preds, target)
     model.train()
-    results = {"loss": loss.compute(), **metrics.compute()}  # compute() syncs across ranks
-    return ({name: value.item() if value.numel() == 1 else value.tolist() for name, value in results.items()},
+    computed = metrics.compute()  # syncs across ranks
+    if "loss" in computed:
+        raise UsageError("task.metrics has a metric named 'loss'; val/loss is the task's loss itself: rename it")
+    results = {"loss": loss.compute(), **computed}
+    return ({name: float(value) if value.numel() == 1 else value.tolist() for name, value in results.items()},
             int(num_samples.compute().item()))
 
 
@@ -219,20 +228,27 @@ def scalars(results: dict[str, Any]) -> dict[str, float]:
     return {name: value for name, value in results.items() if isinstance(value, float)}
 
 
-def best_checkpoint_rule(cfg: LogConfig, metrics: MetricCollection) -> tuple[str, str]:
-    """(metric, "min" or "max") that best.ckpt follows: --monitor, else the task's MONITOR; --monitor_mode, else
-    min for the loss and, for a metric, what its higher_is_better says."""
+def best_checkpoint_rule(cfg: LogConfig, metrics: MetricCollection, logged: dict[str, float]) -> tuple[str, str]:
+    """(metric, "min" or "max") that best.ckpt follows: --monitor, else the task's MONITOR, one of the `logged`
+    scalars; --monitor_mode, else min for the loss and, for a metric, what its higher_is_better says."""
     monitor = cfg.monitor or task.MONITOR
     name = monitor.removeprefix("val/")
-    if name != "loss" and name not in metrics:
-        raise UsageError(f"--monitor {monitor!r} is not one of: val/loss, {', '.join('val/' + k for k in metrics)}")
+    if name not in logged:
+        raise UsageError(f"--monitor {monitor!r} is not one of: {', '.join('val/' + k for k in logged)}")
     if cfg.monitor_mode != "auto":
         return monitor, cfg.monitor_mode
-    higher_is_better = False if name == "loss" else metrics[name].higher_is_better
+    higher_is_better = False if name == "loss" else getattr(metrics[name] if name in metrics else None,
+                                                            "higher_is_better", None)
     if higher_is_better is None:
         raise UsageError(f"--monitor_mode auto: {monitor} does not say whether higher is better; "
                          "pass --monitor_mode min or max")
     return monitor, "max" if higher_is_better else "min"
+
+
+def best_summary(best: dict[str, Any]) -> str:
+    if best["value"] is None:  # a resume that changed --monitor and trained no further epoch
+        return f"no best {best['metric']} yet"
+    return f"best {best['metric']} {best['value']:.4f} at epoch {best['epoch']}"
 
 
 def improves(score: float, best: float | None, mode: str) -> bool:

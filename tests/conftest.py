@@ -1,7 +1,7 @@
 """Two tiers of tests.
 
-- The generic tier (test_train, test_resume, test_distributed, test_bad_inputs, test_config, test_loaders,
-  test_checkpoints) checks the machinery: the loop, checkpoints, resume, distribution, logging, bad input. Whatever
+- The generic tier (test_train, test_resume, test_distributed, test_bad_inputs, test_config, test_loaders)
+  checks the machinery: the loop, checkpoints, resume, distribution, logging, bad input. Whatever
   trains runs in `fork`: a copy of this repository whose task home (data.py, model.py, task.py) is replaced by the
   toy task in tests/toy_task (dict batches, regression, lowest error is best), as a fork would replace it. Counts
   are derived from the run, never pinned. After a fork swaps its own task in, this tier runs and passes unchanged.

@@ -12,6 +12,7 @@ from config import (
     TrainConfig,
     UsageError,
     _Parser,
+    first_line,
     flatten,
     parse_test_config,
     parse_train_config,
@@ -73,7 +74,7 @@ def test_help_lists_the_names_of_the_task_registries(capsys):
     for flag, registry in [("--dataset", DATASETS), ("--model", MODELS)]:
         listing = help_text.split(f"\n{flag}:\n")[1]
         for name, function in registry.items():
-            assert f"  {name:<14} {function.__doc__.strip().splitlines()[0]}" in listing
+            assert f"  {name:<14} {first_line(function.__doc__)}" in listing
 
 
 def test_test_py_flags():
@@ -236,15 +237,23 @@ def test_best_checkpoint_rule_takes_the_direction_from_the_metric_unless_told():
     from train import best_checkpoint_rule
 
     metrics = MetricCollection({"mse": MeanSquaredError(), "acc": BinaryAccuracy(), "mean": MeanMetric()})
-    assert best_checkpoint_rule(LogConfig(monitor="val/loss"), metrics) == ("val/loss", "min")
-    assert best_checkpoint_rule(LogConfig(monitor="val/mse"), metrics) == ("val/mse", "min")
-    assert best_checkpoint_rule(LogConfig(monitor="val/acc"), metrics) == ("val/acc", "max")
-    assert best_checkpoint_rule(LogConfig(monitor="val/acc", monitor_mode="min"), metrics) == ("val/acc", "min")
+    logged = {"loss": 0.1, "acc": 0.9, "mean": 0.5, "mse": 0.1, "errors": 3.0}  # "errors": not a metric object
+
+    def rule(**kwargs):
+        return best_checkpoint_rule(LogConfig(**kwargs), metrics, logged)
+
+    assert rule(monitor="val/loss") == ("val/loss", "min")
+    assert rule(monitor="val/mse") == ("val/mse", "min")
+    assert rule(monitor="val/acc") == ("val/acc", "max")
+    assert rule(monitor="val/acc", monitor_mode="min") == ("val/acc", "min")
     with pytest.raises(UsageError, match=r"--monitor_mode auto: val/mean does not say whether higher is better"):
-        best_checkpoint_rule(LogConfig(monitor="val/mean"), metrics)
-    assert best_checkpoint_rule(LogConfig(monitor="val/mean", monitor_mode="max"), metrics) == ("val/mean", "max")
-    with pytest.raises(UsageError, match=r"--monitor 'val/f1' is not one of: val/loss, val/acc, val/mean, val/mse"):
-        best_checkpoint_rule(LogConfig(monitor="val/f1"), metrics)
+        rule(monitor="val/mean")
+    with pytest.raises(UsageError, match=r"--monitor_mode auto: val/errors does not say"):
+        rule(monitor="val/errors")
+    assert rule(monitor="val/mean", monitor_mode="max") == ("val/mean", "max")
+    with pytest.raises(UsageError, match=r"--monitor 'val/f1' is not one of: val/loss, val/acc, val/mean, val/mse, "
+                                         r"val/errors$"):
+        rule(monitor="val/f1")
 
 
 @pytest.mark.parametrize(("score", "best", "mode", "expected"), [

@@ -234,3 +234,30 @@ def test_mnist_trains_end_to_end_on_tiny_offline_files(tmp_path):
                                "--epochs", "3", "--eff_batch_size", "32")
     ckpt = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
     assert ckpt["best"]["metric"] == "val/acc" and ckpt["best"]["value"] >= 0.9  # the bright row must be learned
+
+
+def test_a_dataset_of_any_kind_is_split_by_the_seed(monkeypatch):
+    import data
+
+    def ramp(cfg):
+        """A TensorDataset, not the template's own in-memory image class."""
+        fit = torch.utils.data.TensorDataset(torch.arange(100).float(), torch.arange(100))
+        return fit, torch.utils.data.TensorDataset(torch.zeros(5), torch.zeros(5)), DataInfo(2, 1, ("a", "b"))
+
+    monkeypatch.setitem(data.DATASETS, "ramp", ramp)
+    train, val, test, _ = load_splits(DataConfig(dataset="ramp"), seed=3)
+    ids = sorted(int(train[i][1]) for i in range(len(train))) + sorted(int(val[i][1]) for i in range(len(val)))
+    assert (len(train), len(val), len(test)) == (90, 10, 5) and sorted(ids) == list(range(100))
+
+
+def test_test_py_builds_a_pretrained_model_without_downloading_its_weights(monkeypatch):
+    import torchvision
+
+    def download(url, *args, **kwargs):
+        raise RuntimeError(f"downloaded {url}")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", download)
+    model = build_model(ArchConfig(model="resnet18", pretrained=True), DataInfo(10, 3, ()), pretrained=False)
+    assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 10)  # built, and nothing was fetched
+    with pytest.raises(UsageError, match="--pretrained: could not download the resnet18 weights"):
+        build_model(ArchConfig(model="resnet18", pretrained=True), DataInfo(10, 3, ()))  # what training fetches

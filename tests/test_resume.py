@@ -253,7 +253,8 @@ def test_resume_auto_without_a_run_or_after_a_finished_one_starts_a_new_run(fork
     (newest / "checkpoints" / "final.ckpt").unlink()  # now it looks interrupted
     resumed = fork.call("train.py", "--root_dir", str(tmp_path), "--resume", "auto")  # its saved config is used
     assert f"resuming the newest unfinished run {newest}" in resumed.stdout
-    assert "The run already finished its 1 epochs" in resumed.stdout  # 1 epoch: the saved --fast_run holds
+    assert "Training is done (1 epochs); finishing the run" in resumed.stdout  # the saved --fast_run: 1 epoch
+    assert torch.load(newest / "checkpoints" / "final.ckpt", weights_only=True)["config"]["fast_run"]
 
 
 def test_a_second_writer_into_a_run_being_trained_is_refused_in_one_line(fork, tmp_path):

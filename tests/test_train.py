@@ -3,6 +3,7 @@ belong, best.ckpt by a min-mode metric, checkpoints, rotation, logs and progress
 
 import csv
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -76,8 +77,8 @@ def test_best_ckpt_follows_the_task_metric_down_when_lower_is_better(toy_run):
     best_epoch, best_mae = min(val, key=lambda point: point[1])
     assert best_epoch != EPOCHS  # the minimum, not merely the newest
     best = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
-    assert best["epoch"] == best_epoch and best["best"] == {"metric": "val/mae", "value": best["best"]["value"],
-                                                           "epoch": best_epoch}
+    assert best["epoch"] == best_epoch and best["best"] == {"metric": "val/mae", "mode": "min",
+                                                           "value": best["best"]["value"], "epoch": best_epoch}
     assert best["best"]["value"] == pytest.approx(best_mae, rel=1e-6)
     assert "  best.ckpt: min val/mae" in result.stdout and f"best val/mae {best_mae:.4f} at epoch {best_epoch}" in \
         result.stdout
@@ -238,6 +239,7 @@ def test_a_run_stopped_after_its_last_epoch_checkpoint_is_finished_by_its_resume
     assert finished.returncode == 0, finished.stderr
     assert "Training is done (2 epochs); finishing the run" in finished.stdout and "Finished 0 steps" in finished.stdout
     assert bitwise_equal(run_dir / "checkpoints" / "final.ckpt", last) and (run_dir / "curves.png").is_file()
+    assert "best val/mae" in finished.stdout
     again = fork.call("train.py", "--root_dir", str(tmp_path), "--resume", "auto")  # a requeued job moves on
     assert f"the newest run {run_dir} has finished: starting a new run" in again.stdout
 
@@ -284,3 +286,61 @@ def test_flops_that_cannot_be_counted_are_a_warning_not_a_crash(fork, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "could not count the model's FLOPs on the meta device, so no FLOPs/s or MFU will be logged" in result.stderr
     assert (only_run_dir(tmp_path / "runs") / "checkpoints" / "final.ckpt").is_file()
+
+
+def test_a_resume_that_changes_the_monitor_mode_starts_best_ckpt_over(fork, tmp_path):
+    run_dir = fork.train(tmp_path, "--epochs", "3")
+    resumed = fork.call("train.py", "--resume", str(run_dir), "--epochs", "4", "--monitor_mode", "max")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "best.ckpt so far followed the min val/mae; from now on it follows the max val/mae" in resumed.stdout
+    best = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
+    assert best["epoch"] == 4 and best["best"]["mode"] == "max"  # the only epoch judged by the new rule
+    assert "best val/mae" in resumed.stdout and "at epoch 4" in resumed.stdout
+
+
+def test_a_metric_that_counts_is_logged_and_can_pick_best_ckpt(fork, tmp_path):
+    counting = variant(fork, tmp_path / "counting", "task.py", 'MONITOR = "val/mae"', '''MONITOR = "val/errors"
+
+
+class Errors(torchmetrics.Metric):  # an integer count: samples off by more than 0.5
+    higher_is_better = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("count", torch.tensor(0), dist_reduce_fx="sum")
+
+    def update(self, preds, target) -> None:
+        self.count += ((preds - target).abs() > 0.5).sum()
+
+    def compute(self):
+        return self.count''')
+    text = (counting / "task.py").read_text().replace('"mae": MeanAbsoluteError()})', '"mae": MeanAbsoluteError(), "errors": Errors()})')
+    (counting / "task.py").write_text("import torchmetrics\n" + text)
+    result = run_script("train.py", "--root_dir", str(tmp_path / "runs"), "--epochs", "3", cwd=counting)
+    assert result.returncode == 0, result.stderr
+    run_dir = only_run_dir(tmp_path / "runs")
+    errors = [(int(r["epoch"]), float(r["val/errors"])) for r in csv_rows(run_dir) if r["val/errors"]]
+    assert len(errors) == 3 and all(value == int(value) for _, value in errors)
+    best_epoch = min(errors, key=lambda point: point[1])[0]
+    best = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
+    assert (best["epoch"], best["best"]["metric"], best["best"]["mode"]) == (best_epoch, "val/errors", "min")
+
+
+def test_a_task_metric_named_loss_is_refused_before_the_run_directory(fork, tmp_path):
+    clash = variant(fork, tmp_path / "clash", "task.py", '"mse": MeanSquaredError()', '"loss": MeanSquaredError()')
+    result = run_script("train.py", "--root_dir", str(tmp_path / "runs"), "--fast_run", cwd=clash)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: task.metrics has a metric named 'loss'; val/loss is the task's loss itself: rename it")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_repository_own_task_trains_and_tests_on_fast_run(tmp_path):
+    """Whatever task this repository holds (the template's, or a fork's own): its plumbing runs end to end."""
+    trained = run_script("train.py", "--root_dir", str(tmp_path), "--fast_run")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path)
+    tested = run_script("test.py", "--out_dir", str(run_dir), "--checkpoint", "final")
+    assert tested.returncode == 0, tested.stderr[-3000:]
+    metrics = json.loads((run_dir / "test" / "metrics.json").read_text())
+    assert metrics["num_samples"] > 0 and metrics["global_step"] == 2 and math.isfinite(metrics["loss"])

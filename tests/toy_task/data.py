@@ -5,7 +5,7 @@ template's own, and run the machinery against them (tests/conftest.py, `fork`).
 """
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from torch.utils.data import Dataset, Subset
@@ -17,6 +17,8 @@ VAL_FRACTION = 0.1
 @dataclass(frozen=True)
 class DataConfig:
     """The data: datasets are the functions in DATASETS (data.py)."""
+
+    RESUME_LOCKED: ClassVar[tuple[str, ...]] = ("dataset", "num_samples")  # the split would change
 
     dataset: str = "waves"
     """Dataset: a name from DATASETS in data.py (listed at the end of --help)."""

@@ -1,7 +1,7 @@
 """A toy task's models, as a fork writes them: MLPs for tabular regression, with a flag of their own."""
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar
 
 from torch import nn
 
@@ -11,6 +11,8 @@ from data import DataInfo
 @dataclass(frozen=True)
 class ArchConfig:
     """The network: models are the functions in MODELS (model.py)."""
+
+    RESUME_LOCKED: ClassVar[tuple[str, ...]] = ("model", "hidden")  # the checkpoint would not fit
 
     model: str = "mlp"
     """Model: a name from MODELS in model.py (listed at the end of --help)."""
@@ -28,8 +30,8 @@ class ArchConfig:
         return problems
 
 
-def build_model(cfg: ArchConfig, info: DataInfo) -> nn.Module:
-    return MODELS[cfg.model](cfg, info)
+def build_model(cfg: ArchConfig, info: DataInfo, pretrained: bool = True) -> nn.Module:
+    return MODELS[cfg.model](cfg, info)  # nothing pretrained here
 
 
 def mlp(cfg: ArchConfig, info: DataInfo) -> nn.Module:
