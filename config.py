@@ -382,8 +382,8 @@ AUTO_RESUME_ENV = "TEMPLATE_AUTO_RESUME_DIR"
 
 
 def _auto_resume_dir(cfg: TrainConfig) -> str:
-    """--resume auto: the newest run under root_dir named YYYYmmdd-HHMMSS-OUT_DIR, if it has not finished
-    (no checkpoints/final.ckpt) and has a checkpoint; "" for a new run.
+    """--resume auto: the newest run under root_dir named YYYYmmdd-HHMMSS-OUT_DIR that has not finished (no
+    checkpoints/final.ckpt) and has a checkpoint, even when a later run has finished since; "" for a new run.
 
     Decided once, in the process that launches the others: Fabric's launcher passes the environment on to
     the processes it starts, which must not look again (rank 0 may have created a new run dir meanwhile)."""
@@ -392,14 +392,15 @@ def _auto_resume_dir(cfg: TrainConfig) -> str:
     pattern = re.compile(rf"^\d{{8}}-\d{{6}}-{re.escape(cfg.out_dir)}$")
     root = Path(cfg.root_dir)
     runs = sorted(p for p in root.glob(f"*-{cfg.out_dir}") if pattern.match(p.name)) if root.is_dir() else []
-    if not runs:
-        decision, message = "", f"no run named *-{cfg.out_dir} under {root}: starting a new run"
-    elif (runs[-1] / "checkpoints" / "final.ckpt").exists():
-        decision, message = "", f"the newest run {runs[-1]} has finished: starting a new run"
-    elif not list((runs[-1] / "checkpoints").glob("step-*.ckpt")):
-        decision, message = "", f"the newest run {runs[-1]} has no checkpoint yet: starting a new run"
+    unfinished = [run for run in runs if not (run / "checkpoints" / "final.ckpt").exists()
+                  and list((run / "checkpoints").glob("step-*.ckpt"))]
+    if unfinished:
+        decision, message = str(unfinished[-1]), f"resuming the newest unfinished run {unfinished[-1]}"
+    elif runs:
+        decision, message = "", (f"every run named *-{cfg.out_dir} under {root} has finished or has no checkpoint "
+                                 f"(the newest: {runs[-1]}): starting a new run")
     else:
-        decision, message = str(runs[-1]), f"resuming the newest unfinished run {runs[-1]}"
+        decision, message = "", f"no run named *-{cfg.out_dir} under {root}: starting a new run"
     if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":  # torchrun and SLURM start every rank
         print(f"--resume auto: {message}", flush=True)
     os.environ[AUTO_RESUME_ENV] = decision

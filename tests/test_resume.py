@@ -246,7 +246,8 @@ def test_resume_auto_without_a_run_or_after_a_finished_one_starts_a_new_run(fork
     finished = only_run_dir(tmp_path)
 
     again = fork.call("train.py", "--root_dir", str(tmp_path), "--resume", "auto", "--fast_run")
-    assert f"the newest run {finished} has finished: starting a new run" in again.stdout
+    assert f"every run named *-run under {tmp_path} has finished or has no checkpoint (the newest: {finished}): " \
+           "starting a new run" in again.stdout
     newest = max(tmp_path.iterdir())
     assert newest != finished
 
@@ -273,3 +274,13 @@ def test_a_second_writer_into_a_run_being_trained_is_refused_in_one_line(fork, t
     finished = fork.call("train.py", "--resume", str(run_dir), "--epochs", "1")  # now a writer may take over
     assert finished.returncode == 0, finished.stderr
     assert (run_dir / "checkpoints" / "final.ckpt").is_file()
+
+
+def test_resume_auto_picks_up_an_interrupted_run_even_after_a_later_one_finished(fork, tmp_path):
+    interrupted = fork.train(tmp_path, "--epochs", "2")
+    (interrupted / "checkpoints" / "final.ckpt").unlink()  # as if killed before the end
+    later = fork.train(tmp_path, "--fast_run")  # another run with the same --out_dir, which finished
+    assert later.name > interrupted.name
+    resumed = fork.call("train.py", "--root_dir", str(tmp_path), "--resume", "auto")
+    assert f"--resume auto: resuming the newest unfinished run {interrupted}" in resumed.stdout
+    assert (interrupted / "checkpoints" / "final.ckpt").is_file()

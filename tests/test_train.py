@@ -241,7 +241,7 @@ def test_a_run_stopped_after_its_last_epoch_checkpoint_is_finished_by_its_resume
     assert bitwise_equal(run_dir / "checkpoints" / "final.ckpt", last) and (run_dir / "curves.png").is_file()
     assert "best val/mae" in finished.stdout
     again = fork.call("train.py", "--root_dir", str(tmp_path), "--resume", "auto")  # a requeued job moves on
-    assert f"the newest run {run_dir} has finished: starting a new run" in again.stdout
+    assert f"(the newest: {run_dir}): starting a new run" in again.stdout
 
 
 def test_a_new_run_never_touches_earlier_runs(fork, tmp_path):
