@@ -103,7 +103,8 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
                  f"  {fabric.world_size} device(s) x {batch_size} samples x {accum_steps} accumulation step(s) "
                  f"= {cfg.optim.eff_batch_size} per optimizer step | lr {lr:.4g} ({cfg.optim.lr_rule()})\n"
                  f"  {cfg.arch.model}, {sum(p.numel() for p in model.parameters()):,} parameters | {cfg.data.dataset}, "
-                 f"{steps_per_epoch} steps/epoch x {epochs} epochs | {fabric.device}, {cfg.hardware.precision}\n"
+                 f"{steps_per_epoch} steps/epoch x {epochs} epochs | {fabric.device}, {cfg.hardware.precision}"
+                 f"{f', {torch.get_num_threads()} thread(s) per process' if fabric.device.type == 'cpu' else ''}\n"
                  f"  best.ckpt: {mode} {monitor}")
 
     def save_checkpoint(*names: str) -> None:

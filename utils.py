@@ -24,6 +24,7 @@ from lightning.fabric import Fabric
 from lightning.fabric.connector import _is_using_cli
 from lightning.fabric.loggers import Logger, TensorBoardLogger
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.fabric.utilities.distributed import _set_num_threads_if_needed, _suggested_max_num_threads
 from lightning.fabric.utilities.throughput import measure_flops
 from lightning.pytorch.loggers import CSVLogger  # Fabric's own CSVLogger cannot log hyperparameters
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -95,6 +96,11 @@ def launch(fabric: Fabric, function: Callable, *args: Any) -> Any:
     """fabric.launch(function, *args), leaving the process group when `function` returns. Under `fabric run`,
     which has started the processes already, a plain call."""
     if _is_using_cli():
+        # `fabric run` sets OMP_NUM_THREADS to all the cores for every process it starts; share them between the
+        # processes instead, as Fabric's own launchers do (a value of your own is kept).
+        if os.environ.get("OMP_NUM_THREADS") == str(_suggested_max_num_threads()):
+            del os.environ["OMP_NUM_THREADS"]
+        _set_num_threads_if_needed(num_processes=getattr(fabric.strategy, "num_processes", 1))
         return _call_then_leave_process_group(function, args, fabric)
     # Bound here rather than passed to launch(): ddp_spawn's launcher rejects frozen dataclasses in arguments.
     return fabric.launch(partial(_call_then_leave_process_group, function, args))

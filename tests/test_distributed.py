@@ -17,6 +17,7 @@ import pytest
 import torch
 from conftest import max_abs_diff, only_run_dir
 from lightning.fabric import Fabric
+from lightning.fabric.utilities.distributed import _suggested_max_num_threads
 
 from config import OptimConfig
 from loaders import GlobalBatchSampler, make_train_loader
@@ -181,6 +182,8 @@ def test_lightning_fabric_run_launcher(fork, tmp_path):
                             capture_output=True, text=True, cwd=fork.path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 device(s) x 32 samples x 1 accumulation step(s)" in result.stdout
+    # The cores are shared between the two processes, as Fabric's own launchers do (not 2 x all cores).
+    assert f"cpu, 32-true, {_suggested_max_num_threads(2)} thread(s) per process" in result.stdout
     assert (only_run_dir(tmp_path) / "checkpoints" / "final.ckpt").is_file()
 
 
