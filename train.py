@@ -77,6 +77,7 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
         state["loss_sum"] = state["loss_sum"].to(fabric.device)  # checkpoints load onto the CPU
         fabric.print(f"Resuming {cfg.resume} from {checkpoint.name}: epoch {state['epoch']}, "
                      f"step {state['global_step']}")
+        set_hyperparameters(optimizer, scheduler, lr, cfg.optim.weight_decay)  # a resume's --lr etc. take effect
         before = state["best"]
         if (before["metric"], before["mode"]) != (monitor, mode):
             fabric.print(f"best.ckpt so far followed the {before['mode']} {before['metric']}; from now on it follows "
@@ -88,7 +89,7 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
         if state["epoch"] >= epochs:  # stopped after its last epoch's checkpoint: only the end of the run is left
             fabric.print(f"Training is done ({epochs} epochs); finishing the run: final.ckpt, curves and summary")
 
-    run_dir = utils.create_run_dir(fabric, cfg)  # only now, when nothing above can fail
+    run_dir = utils.create_run_dir(fabric, cfg, state["global_step"])  # only now, when nothing above can fail
     ckpt_dir = run_dir / "checkpoints"
     # Set after loading, so that a resumed run's checkpoints carry this run's config, not the checkpoint's.
     state["config"], state["logger_ids"] = asdict(cfg), {"wandb": utils.wandb_run_id(run_dir)}
@@ -265,6 +266,15 @@ def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float, fused: b
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=cfg.weight_decay,
                                fused=fused or None)
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=fused or None)
+
+
+def set_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, lr: float, weight_decay: float) -> None:
+    """After a checkpoint is loaded: this run's LR and weight decay, at the loaded schedule's step, in place of the
+    checkpoint's. Without overrides the values are the ones loaded, to the bit."""
+    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group.update(initial_lr=lr, lr=lr * factor(scheduler.last_epoch), weight_decay=weight_decay)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import yaml
 from lightning.fabric import Fabric
 from lightning.fabric.connector import _is_using_cli
 from lightning.fabric.loggers import Logger, TensorBoardLogger
@@ -31,7 +32,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from tqdm import tqdm
 
 from checkpoints import clean_up_after_crash, wait_for_checkpoints
-from config import TrainConfig, to_yaml
+from config import TrainConfig, load_train_config, overrides, to_yaml
 from errors import UsageError
 
 
@@ -165,30 +166,42 @@ class Progress:
 # ------------------------------------------------------------------------------------------- run directory
 
 
-def create_run_dir(fabric: Fabric, cfg: TrainConfig) -> Path:
+def create_run_dir(fabric: Fabric, cfg: TrainConfig, step: int) -> Path:
     """RUN_DIR for this run, decided once on rank 0 and broadcast to every rank, and locked for this run.
 
     A fresh run creates exactly one new ROOT_DIR/YYYYmmdd-HHMMSS-OUT_DIR (one second later if that name is
     taken, so two runs never share a directory) and writes config.yaml into it before training starts.
-    A resumed run uses the given directory, and rewrites its config.yaml only if flags overrode it. Either way
-    rank 0 holds the run's lock first: a second process that would write into a run being trained stops with
-    a one-line error, before it changes anything.
+    A resumed run uses the given directory; if flags overrode its config, config.yaml is rewritten and
+    resumes.yaml records which fields changed, from what to what, at which step. Either way rank 0 holds the
+    run's lock first: a second process that would write into a run being trained stops with a one-line error,
+    before it changes anything.
     """
     run_dir, problem = None, None
     if fabric.global_rank == 0:
         run_dir = Path(cfg.resume) if cfg.resume else _new_run_dir(Path(cfg.root_dir), cfg.out_dir)
         problem = lock_run_dir(run_dir)
         if problem is None:
+            # The saved config describes the run; how this process was launched (--resume) is not part of it.
+            config_path, ran = run_dir / "config.yaml", replace(cfg, resume="")
             if cfg.resume:
                 clean_up_after_crash(run_dir / "checkpoints")
-            # The saved config describes the run; how this process was launched (--resume) is not part of it.
-            config_path, text = run_dir / "config.yaml", to_yaml(replace(cfg, resume=""))
-            if not config_path.exists() or config_path.read_text() != text:
-                atomic_write_text(config_path, text)
+                changed = overrides(load_train_config(config_path), ran)
+                if changed:
+                    _record_resume(run_dir / "resumes.yaml", step, changed)
+            if not config_path.exists() or config_path.read_text() != to_yaml(ran):
+                atomic_write_text(config_path, to_yaml(ran))
     run_dir, problem = fabric.broadcast((str(run_dir), problem), src=0)
     if problem:
         raise UsageError(problem)
     return Path(run_dir)
+
+
+def _record_resume(path: Path, step: int, changed: dict[str, tuple[Any, Any]]) -> None:
+    """Append {step, time, overrides: {field: [before, after]}} to RUN_DIR/resumes.yaml."""
+    history = yaml.safe_load(path.read_text()) if path.is_file() else []
+    history.append({"step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "overrides": {key: list(values) for key, values in changed.items()}})
+    atomic_write_text(path, yaml.safe_dump(history, sort_keys=False))
 
 
 _locks: dict[Path, int] = {}  # run dir -> open file descriptor holding its lock, for this process's lifetime

@@ -344,3 +344,31 @@ def test_the_repository_own_task_trains_and_tests_on_fast_run(tmp_path):
     assert tested.returncode == 0, tested.stderr[-3000:]
     metrics = json.loads((run_dir / "test" / "metrics.json").read_text())
     assert metrics["num_samples"] > 0 and metrics["global_step"] == 2 and math.isfinite(metrics["loss"])
+
+
+def test_a_resume_with_lr_and_weight_decay_overrides_trains_with_them_and_records_them(fork, tmp_path):
+    run_dir = fork.train(tmp_path, "--epochs", "2", "--lr", "0.01", "--checkpoint_every_n_steps", "1",
+                         "--num_checkpoint_keep", "1000", "--log_interval", "1")
+    per_epoch = steps_per_epoch(run_dir)
+    resumed = fork.call("train.py", "--resume", str(run_dir), "--epochs", "3", "--lr", "0.001",
+                        "--weight_decay", "0.5")
+    assert resumed.returncode == 0, resumed.stderr
+    step = 2 * per_epoch + 1  # the first optimizer step after the resume
+    groups = torch.load(run_dir / "checkpoints" / f"step-{step:08d}.ckpt", weights_only=True)["optimizer"][
+        "param_groups"]
+    expected_lr = 0.001 * factor_at(per_epoch, 3 * per_epoch, step)  # the schedule of 3 epochs, at this step
+    assert expected_lr > 0 and all(g["initial_lr"] == 0.001 and g["weight_decay"] == 0.5 for g in groups)
+    assert all(g["lr"] == pytest.approx(expected_lr, rel=1e-12) for g in groups)
+    lr_logged = {int(r["step"]): float(r["lr"]) for r in csv_rows(run_dir) if r["lr"]}
+    assert lr_logged[step] == pytest.approx(expected_lr, rel=1e-6)  # the log says what was used
+    (record,) = yaml.safe_load((run_dir / "resumes.yaml").read_text())
+    assert record["step"] == 2 * per_epoch and record["overrides"] == {
+        "optim.epochs": [2, 3], "optim.lr": [0.01, 0.001], "optim.weight_decay": [0.01, 0.5]}
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"] == 0.001
+
+
+def factor_at(warmup_steps: int, total_steps: int, step: int) -> float:
+    """The warmup-cosine factor of the LR after `step` optimizer steps."""
+    from train import warmup_cosine
+
+    return warmup_cosine(torch.optim.SGD([torch.zeros(1)], lr=1.0), warmup_steps, total_steps).lr_lambdas[0](step)
