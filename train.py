@@ -100,12 +100,14 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
             logger.log_hyperparams({**asdict(cfg), "world_size": fabric.world_size, "lr_used": lr,
                                     "batch_size_per_device": batch_size, "grad_accum_steps": accum_steps,
                                     "monitor_used": monitor, "monitor_mode_used": mode})
+    where = f"{fabric.device}, {cfg.hardware.precision}"
+    if fabric.device.type == "cpu":
+        where += f", {torch.get_num_threads()} thread(s) per process"
     fabric.print(f"Run dir: {run_dir}\n"
                  f"  {fabric.world_size} device(s) x {batch_size} samples x {accum_steps} accumulation step(s) "
                  f"= {cfg.optim.eff_batch_size} per optimizer step | lr {lr:.4g} ({cfg.optim.lr_rule()})\n"
                  f"  {cfg.arch.model}, {sum(p.numel() for p in model.parameters()):,} parameters | {cfg.data.dataset}, "
-                 f"{steps_per_epoch} steps/epoch x {epochs} epochs | {fabric.device}, {cfg.hardware.precision}"
-                 f"{f', {torch.get_num_threads()} thread(s) per process' if fabric.device.type == 'cpu' else ''}\n"
+                 f"{steps_per_epoch} steps/epoch x {epochs} epochs | {where}\n"
                  f"  best.ckpt: {mode} {monitor}")
 
     def save_checkpoint(*names: str) -> None:
