@@ -266,3 +266,10 @@ def test_a_new_best_must_beat_the_old_one_and_nan_never_does(score, best, mode, 
     from train import improves
 
     assert improves(score, best, mode) is expected
+
+
+def test_a_registry_entry_without_a_docstring_is_listed_by_name(monkeypatch):
+    import config
+
+    monkeypatch.setitem(config.DATASETS, "bare", lambda cfg: None)
+    assert "\n  bare           \n" in config.registries() + "\n"
