@@ -199,7 +199,7 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
         test_loader = fabric.setup_dataloaders(
             make_eval_loader(test_set, batch_size, fabric.global_rank, fabric.world_size, cfg.hardware.num_workers),
             use_distributed_sampler=False)
-        test = scalars(evaluate(fabric, model, test_loader, task.metrics(info).to(fabric.device), FAST_RUN_BATCHES)[0])
+        test = scalars(evaluate(fabric, model, test_loader, metrics, FAST_RUN_BATCHES)[0])  # evaluate resets them
         fabric.print("fast_run test batches: " + ", ".join(f"{name} {value:.4f}" for name, value in test.items()))
 
 
