@@ -14,7 +14,6 @@ from typing import Any, Iterable
 import torch
 from lightning.fabric import Fabric
 from lightning.fabric.utilities.throughput import ThroughputMonitor
-from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric, MetricCollection, SumMetric
 
 import checkpoints
@@ -58,7 +57,6 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
     optimizer = make_optimizer(model, cfg.optim, lr, fused=fabric.device.type in ("cuda", "cpu"))
     model, optimizer = fabric.setup(torch.compile(model) if cfg.hardware.compile else model, optimizer)
     steps_per_epoch, epochs = sampler.steps_per_epoch, cfg.epochs()
-    scheduler = warmup_cosine(optimizer, round(cfg.optim.warmup * steps_per_epoch), epochs * steps_per_epoch)
     metrics = task.metrics(info).to(fabric.device)  # the task's validation metrics, logged as val/<name>
 
     # The task's code meets a real batch before any file is written: a mistake there costs no run directory.
@@ -67,8 +65,10 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
     monitor, mode = best_checkpoint_rule(cfg.log, metrics, logged)
     # Everything fabric.save/fabric.load touch: objects with a state_dict, tensors and plain Python values.
     # sample_offset is the position in the current epoch, in samples, so it holds at any world size.
-    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "epoch": 0, "sample_offset": 0,
-             "global_step": 0, "best": {"metric": monitor, "mode": mode, "value": None, "epoch": 0},
+    # The LR of each optimizer step is lr x lr_factor(step, state["schedule"]): warmup, then cosine to zero.
+    state = {"model": model, "optimizer": optimizer, "epoch": 0, "sample_offset": 0, "global_step": 0,
+             "schedule": lr_schedule(cfg.optim, epochs, steps_per_epoch),
+             "best": {"metric": monitor, "mode": mode, "value": None, "epoch": 0},
              "loss_sum": torch.zeros((), device=fabric.device), "loss_count": 0}
     flops_per_batch = utils.training_flops(lambda: build_model(cfg.arch, info, pretrained=False), task.forward,
                                            first_batch)
@@ -77,7 +77,10 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
         state["loss_sum"] = state["loss_sum"].to(fabric.device)  # checkpoints load onto the CPU
         fabric.print(f"Resuming {cfg.resume} from {checkpoint.name}: epoch {state['epoch']}, "
                      f"step {state['global_step']}")
-        set_hyperparameters(optimizer, scheduler, lr, cfg.optim.weight_decay)  # a resume's --lr etc. take effect
+        for group in optimizer.param_groups:  # a resume's --weight_decay takes effect (its --lr does by itself)
+            group["weight_decay"] = cfg.optim.weight_decay
+        if schedule_change := continue_schedule(state, cfg.optim, epochs, steps_per_epoch, lr):  # never a jump
+            fabric.print(schedule_change)
         before = state["best"]
         if (before["metric"], before["mode"]) != (monitor, mode):
             fabric.print(f"best.ckpt so far followed the {before['mode']} {before['metric']}; from now on it follows "
@@ -89,7 +92,7 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
         if state["epoch"] >= epochs:  # stopped after its last epoch's checkpoint: only the end of the run is left
             fabric.print(f"Training is done ({epochs} epochs); finishing the run: final.ckpt, curves and summary")
 
-    run_dir = utils.create_run_dir(fabric, cfg, state["global_step"])  # only now, when nothing above can fail
+    run_dir = utils.create_run_dir(fabric, cfg, state["global_step"], state["schedule"])  # only now: nothing failed
     ckpt_dir = run_dir / "checkpoints"
     # Set after loading, so that a resumed run's checkpoints carry this run's config, not the checkpoint's.
     state["config"], state["logger_ids"] = asdict(cfg), {"wandb": utils.wandb_run_id(run_dir)}
@@ -137,9 +140,11 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
                     continue
                 if cfg.optim.grad_clip > 0:
                     fabric.clip_gradients(model, optimizer, max_norm=cfg.optim.grad_clip)
+                lr_now = lr * lr_factor(state["global_step"], state["schedule"])
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_now
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
                 state["global_step"] += 1
                 state["sample_offset"] += cfg.optim.eff_batch_size
                 progress.update()
@@ -148,7 +153,7 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
                     train_loss = fabric.all_reduce(state["loss_sum"] / state["loss_count"]).item()  # the CPU sync
                     if not math.isfinite(train_loss):
                         raise NonFiniteLoss(f"the training loss is {train_loss} at step {state['global_step']}")
-                    steps, lr_now = state["global_step"] - start_step, scheduler.get_last_lr()[0]
+                    steps = state["global_step"] - start_step
                     seconds, samples = time.perf_counter() - start_time, steps * batch_size * accum_steps  # per device
                     throughput.update(time=seconds, batches=steps, samples=samples,
                                       flops=None if flops_per_step is None else steps * flops_per_step)
@@ -270,25 +275,36 @@ def make_optimizer(model: torch.nn.Module, cfg: OptimConfig, lr: float, fused: b
     return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
-def set_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, lr: float, weight_decay: float) -> None:
-    """After a checkpoint is loaded: this run's LR and weight decay, at the loaded schedule's step, in place of the
-    checkpoint's. Without overrides the values are the ones loaded, to the bit."""
-    scheduler.base_lrs = [lr] * len(optimizer.param_groups)
-    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
-        group.update(initial_lr=lr, lr=lr * factor(scheduler.last_epoch), weight_decay=weight_decay)
-    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
+def lr_schedule(cfg: OptimConfig, epochs: int, steps_per_epoch: int, start: int = 0,
+                start_factor: float = 0.0) -> dict[str, Any]:
+    """The LR schedule from optimizer step `start` on, as plain numbers that checkpoints hold: a linear warmup over
+    cfg.warmup epochs from start_factor x lr up to lr, then a cosine decay to zero at the end of `epochs`."""
+    end = epochs * steps_per_epoch
+    return {"epochs": epochs, "warmup_epochs": cfg.warmup, "start": start, "start_factor": start_factor,
+            "warmup_steps": min(round(cfg.warmup * steps_per_epoch), end - start), "end": end}
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> LambdaLR:
-    """Linear warmup over `warmup_steps` optimizer steps, then cosine decay to zero at `total_steps`."""
+def lr_factor(step: int, schedule: dict[str, Any]) -> float:
+    """The LR of optimizer step `step` (counted from 0), as a fraction of the peak LR."""
+    k, warmup = step - schedule["start"], schedule["warmup_steps"]
+    if k < warmup:
+        return schedule["start_factor"] + (1 - schedule["start_factor"]) * (k + 1) / warmup
+    progress = (k - warmup) / max(1, schedule["end"] - schedule["start"] - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    return LambdaLR(optimizer, factor)
+def continue_schedule(state: dict[str, Any], cfg: OptimConfig, epochs: int, steps_per_epoch: int, lr: float) -> str:
+    """After a resume whose --epochs or --warmup differ from the schedule's: a new schedule from the step reached,
+    warming up from the LR reached back to the peak over --warmup epochs, then decaying to zero at the new end.
+    The LR never jumps (extending a finished run, whose LR had reached zero, warms up from zero). "" if unchanged,
+    else what changed, in words."""
+    old, step = state["schedule"], state["global_step"]
+    if (old["epochs"], old["warmup_epochs"]) == (epochs, cfg.warmup) or state["epoch"] >= epochs:
+        return ""
+    now = lr_factor(step, old)
+    state["schedule"] = new = lr_schedule(cfg, epochs, steps_per_epoch, step, now)
+    return (f"--epochs/--warmup changed the LR schedule: from step {step} it warms up from {now * lr:.4g} to "
+            f"{lr:.4g} over {new['warmup_steps']} steps, then decays to 0 at step {new['end']}")
 
 
 def cli(argv: list[str] | None = None) -> None:

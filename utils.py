@@ -166,13 +166,14 @@ class Progress:
 # ------------------------------------------------------------------------------------------- run directory
 
 
-def create_run_dir(fabric: Fabric, cfg: TrainConfig, step: int) -> Path:
+def create_run_dir(fabric: Fabric, cfg: TrainConfig, step: int, lr_schedule: dict[str, Any]) -> Path:
     """RUN_DIR for this run, decided once on rank 0 and broadcast to every rank, and locked for this run.
 
     A fresh run creates exactly one new ROOT_DIR/YYYYmmdd-HHMMSS-OUT_DIR (one second later if that name is
     taken, so two runs never share a directory) and writes config.yaml into it before training starts.
     A resumed run uses the given directory; if flags overrode its config, config.yaml is rewritten and
-    resumes.yaml records which fields changed, from what to what, at which step. Either way rank 0 holds the
+    resumes.yaml records which fields changed, from what to what, at which step, and the LR schedule from that
+    step on. Either way rank 0 holds the
     run's lock first: a second process that would write into a run being trained stops with a one-line error,
     before it changes anything.
     """
@@ -187,7 +188,7 @@ def create_run_dir(fabric: Fabric, cfg: TrainConfig, step: int) -> Path:
                 clean_up_after_crash(run_dir / "checkpoints")
                 changed = overrides(load_train_config(config_path), ran)
                 if changed:
-                    _record_resume(run_dir / "resumes.yaml", step, changed)
+                    _record_resume(run_dir / "resumes.yaml", step, changed, lr_schedule)
             if not config_path.exists() or config_path.read_text() != to_yaml(ran):
                 atomic_write_text(config_path, to_yaml(ran))
     run_dir, problem = fabric.broadcast((str(run_dir), problem), src=0)
@@ -196,11 +197,11 @@ def create_run_dir(fabric: Fabric, cfg: TrainConfig, step: int) -> Path:
     return Path(run_dir)
 
 
-def _record_resume(path: Path, step: int, changed: dict[str, tuple[Any, Any]]) -> None:
-    """Append {step, time, overrides: {field: [before, after]}} to RUN_DIR/resumes.yaml."""
+def _record_resume(path: Path, step: int, changed: dict[str, tuple[Any, Any]], lr_schedule: dict[str, Any]) -> None:
+    """Append {step, time, overrides: {field: [before, after]}, lr_schedule} to RUN_DIR/resumes.yaml."""
     history = yaml.safe_load(path.read_text()) if path.is_file() else []
     history.append({"step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                    "overrides": {key: list(values) for key, values in changed.items()}})
+                    "overrides": {key: list(values) for key, values in changed.items()}, "lr_schedule": lr_schedule})
     atomic_write_text(path, yaml.safe_dump(history, sort_keys=False))
 
 

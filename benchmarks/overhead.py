@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 import checkpoints  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
-from config import parse_train_config  # noqa: E402
+from config import OptimConfig, parse_train_config  # noqa: E402
 from data import DataConfig, load_splits  # noqa: E402
 from loaders import make_eval_loader, make_train_loader  # noqa: E402
 from model import SmallCNN  # noqa: E402
@@ -63,7 +63,7 @@ def run_raw(epochs: int, fused: bool = True) -> dict[str, Any]:
     model = SmallCNN(info.in_channels, info.num_classes, dropout=0.1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, fused=fused or None)
     steps_per_epoch = len(train_set) // BATCH_SIZE
-    scheduler = train.warmup_cosine(optimizer, steps_per_epoch, epochs * steps_per_epoch)
+    schedule = train.lr_schedule(OptimConfig(epochs=epochs), epochs, steps_per_epoch)
     stamps = []
     for epoch in range(epochs):
         order = torch.randperm(len(train_set))
@@ -72,9 +72,10 @@ def run_raw(epochs: int, fused: bool = True) -> dict[str, Any]:
             loss = F.cross_entropy(model(x), y)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
+            for group in optimizer.param_groups:
+                group["lr"] = LR * train.lr_factor(epoch * steps_per_epoch + step, schedule)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
             stamps.append(time.perf_counter())
     return {"steps_per_sec": steady_steps_per_sec(stamps, steps_per_epoch)}
 
@@ -151,7 +152,8 @@ def run_trainer(epochs: int) -> dict[str, Any]:
         def configure_optimizers(self) -> dict:
             optimizer = torch.optim.AdamW(self.parameters(), lr=LR, weight_decay=0.01, fused=True)
             steps_per_epoch = len(train_set) // BATCH_SIZE
-            scheduler = train.warmup_cosine(optimizer, steps_per_epoch, epochs * steps_per_epoch)
+            schedule = train.lr_schedule(OptimConfig(epochs=epochs), epochs, steps_per_epoch)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: train.lr_factor(step, schedule))
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
         def on_train_batch_end(self, *args: Any) -> None:

@@ -196,9 +196,9 @@ def test_fast_run_goes_through_the_training_log_with_a_real_rate(fork, tmp_path)
 def test_checkpoints_load_with_weights_only_and_hold_what_resume_needs(fork, tmp_path):
     run_dir = fork.train(tmp_path, "--fast_run")
     ckpt = torch.load(run_dir / "checkpoints" / "final.ckpt", weights_only=True)
-    assert {"model", "optimizer", "scheduler", "epoch", "global_step", "rng", "config", "logger_ids", "best",
+    assert {"model", "optimizer", "schedule", "epoch", "global_step", "rng", "config", "logger_ids", "best",
             "sample_offset"} <= set(ckpt)
-    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 2 and ckpt["scheduler"]["last_epoch"] == 2
+    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 2 and ckpt["schedule"]["end"] == 2
     assert ckpt["config"]["root_dir"] == str(tmp_path) and ckpt["config"]["arch"]["hidden"] == 32
     assert not list((run_dir / "checkpoints").glob(".*tmp"))  # no temporary file left behind
 
@@ -347,28 +347,56 @@ def test_the_repository_own_task_trains_and_tests_on_fast_run(tmp_path):
 
 
 def test_a_resume_with_lr_and_weight_decay_overrides_trains_with_them_and_records_them(fork, tmp_path):
-    run_dir = fork.train(tmp_path, "--epochs", "2", "--lr", "0.01", "--checkpoint_every_n_steps", "1",
+    run_dir = fork.train(tmp_path, "--epochs", "3", "--lr", "0.01", "--checkpoint_every_n_steps", "1",
                          "--num_checkpoint_keep", "1000", "--log_interval", "1")
     per_epoch = steps_per_epoch(run_dir)
-    resumed = fork.call("train.py", "--resume", str(run_dir), "--epochs", "3", "--lr", "0.001",
-                        "--weight_decay", "0.5")
+    for late in [*sorted((run_dir / "checkpoints").glob("step-*.ckpt"))[2 * per_epoch:], "final.ckpt", "best.ckpt"]:
+        (run_dir / "checkpoints" / late).unlink()  # as if stopped at the end of epoch 2
+    resumed = fork.call("train.py", "--resume", str(run_dir), "--lr", "0.001", "--weight_decay", "0.5")
     assert resumed.returncode == 0, resumed.stderr
-    step = 2 * per_epoch + 1  # the first optimizer step after the resume
-    groups = torch.load(run_dir / "checkpoints" / f"step-{step:08d}.ckpt", weights_only=True)["optimizer"][
-        "param_groups"]
-    expected_lr = 0.001 * factor_at(per_epoch, 3 * per_epoch, step)  # the schedule of 3 epochs, at this step
-    assert expected_lr > 0 and all(g["initial_lr"] == 0.001 and g["weight_decay"] == 0.5 for g in groups)
-    assert all(g["lr"] == pytest.approx(expected_lr, rel=1e-12) for g in groups)
+    assert "LR schedule" not in resumed.stdout  # --epochs and --warmup are as before: the same schedule
+    for step in range(2 * per_epoch + 1, 3 * per_epoch + 1):  # each step after the resume, in the checkpoint's eyes
+        groups = torch.load(run_dir / "checkpoints" / f"step-{step:08d}.ckpt", weights_only=True)["optimizer"][
+            "param_groups"]
+        expected_lr = 0.001 * factor_at(per_epoch, 3 * per_epoch, step - 1)  # the same schedule, at the new peak
+        assert expected_lr > 0 and all(g["weight_decay"] == 0.5 for g in groups)
+        assert all(g["lr"] == pytest.approx(expected_lr, rel=1e-12) for g in groups)
     lr_logged = {int(r["step"]): float(r["lr"]) for r in csv_rows(run_dir) if r["lr"]}
-    assert lr_logged[step] == pytest.approx(expected_lr, rel=1e-6)  # the log says what was used
+    for step in range(1, 3 * per_epoch + 1):  # the log says what each step used, before and after the resume
+        peak = 0.01 if step <= 2 * per_epoch else 0.001
+        assert lr_logged[step] == pytest.approx(peak * factor_at(per_epoch, 3 * per_epoch, step - 1), rel=1e-6)
     (record,) = yaml.safe_load((run_dir / "resumes.yaml").read_text())
     assert record["step"] == 2 * per_epoch and record["overrides"] == {
-        "optim.epochs": [2, 3], "optim.lr": [0.01, 0.001], "optim.weight_decay": [0.01, 0.5]}
-    assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"] == 0.001
+        "optim.lr": [0.01, 0.001], "optim.weight_decay": [0.01, 0.5]}
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]
+    assert (saved["lr"], saved["weight_decay"]) == (0.001, 0.5)
+
+
+def test_extending_a_finished_run_warms_the_lr_up_again_and_never_jumps(fork, tmp_path):
+    run_dir = fork.train(tmp_path, "--epochs", "2", "--lr", "0.01", "--log_interval", "1")
+    per_epoch = steps_per_epoch(run_dir)
+    resumed = fork.call("train.py", "--resume", str(run_dir), "--epochs", "12", "--warmup", "0.5")
+    assert resumed.returncode == 0, resumed.stderr
+    warmup = round(0.5 * per_epoch)
+    assert (f"--epochs/--warmup changed the LR schedule: from step {2 * per_epoch} it warms up from 0 to 0.01 over "
+            f"{warmup} steps, then decays to 0 at step {12 * per_epoch}") in resumed.stdout
+    logged = [float(r["lr"]) for r in csv_rows(run_dir) if r["lr"]]
+    assert len(logged) == 12 * per_epoch  # every step, once
+    rises = [b - a for a, b in zip(logged, logged[1:])]
+    assert max(rises) == pytest.approx(0.01 / warmup, rel=1e-6)  # no step rises faster than the warmup allows
+    assert max(logged[2 * per_epoch:]) == pytest.approx(0.01) and logged[-1] < 0.01 / per_epoch ** 2  # to 0 again
+    after = logged[2 * per_epoch:]
+    assert all(b >= a for a, b in zip(after[:warmup], after[1:warmup])) and all(
+        b <= a for a, b in zip(after[warmup:], after[warmup + 1:]))  # warmup, then decay
+    (record,) = yaml.safe_load((run_dir / "resumes.yaml").read_text())
+    assert record["overrides"] == {"optim.epochs": [2, 12], "optim.warmup": [1.0, 0.5]}
+    assert record["lr_schedule"] == {"epochs": 12, "warmup_epochs": 0.5, "start": 2 * per_epoch, "start_factor": 0.0,
+                                     "warmup_steps": warmup, "end": 12 * per_epoch}
+    assert torch.load(run_dir / "checkpoints" / "final.ckpt", weights_only=True)["schedule"] == record["lr_schedule"]
 
 
 def factor_at(warmup_steps: int, total_steps: int, step: int) -> float:
-    """The warmup-cosine factor of the LR after `step` optimizer steps."""
-    from train import warmup_cosine
-
-    return warmup_cosine(torch.optim.SGD([torch.zeros(1)], lr=1.0), warmup_steps, total_steps).lr_lambdas[0](step)
+    """A fresh run's LR factor at optimizer step `step` (from 0): linear warmup, then cosine to zero."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / (total_steps - warmup_steps)))
