@@ -9,13 +9,14 @@ check themselves (their `problems()`); --dataset and --model take the names in d
 """
 
 import argparse
+import contextlib
 import math
 import os
 import re
 import sys
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, NoReturn, Optional, Sequence
+from typing import Any, NoReturn, Optional, Sequence, Union, get_args, get_origin
 
 import simple_parsing
 import yaml
@@ -314,16 +315,18 @@ def _read_yaml(path: Path) -> dict:
 
 
 def _nested(values: dict, config_class: type, path: Path) -> dict:
-    """The file's values in the layout of config.yaml. A flat file (`epochs: 5`, as the flag is spelled) means
-    the same as the nested one (`optim: {epochs: 5}`); a key that is neither is an error that names it."""
+    """The file's values in the layout of config.yaml, each checked against its field's type. A flat file
+    (`epochs: 5`, as the flag is spelled) means the same as the nested one (`optim: {epochs: 5}`). Every key that
+    is not a field and every value of the wrong type is reported, one line each."""
     top = {f.name: f.type for f in fields(config_class)}
     group_of = {g.name: f.name for f in fields(config_class) if is_dataclass(f.type) for g in fields(f.type)}
     nested: dict[str, Any] = {}
-    unknown = []
+    unknown, problems = [], []
     for key, value in values.items():
         if key in top and is_dataclass(top[key]):
             if not isinstance(value, dict):
-                raise UsageError(f"config file {path}: {key} must be a mapping of its fields, not {value!r}")
+                problems.append(f"{key} must be a mapping of its fields, not {yaml.safe_dump(value).split(chr(10))[0]}")
+                continue
             unknown += [f"{key}.{k}" for k in value if k not in {g.name for g in fields(top[key])}]
             nested.setdefault(key, {}).update(value)
         elif key in top:
@@ -333,9 +336,49 @@ def _nested(values: dict, config_class: type, path: Path) -> dict:
         else:
             unknown.append(key)
     if unknown:
-        raise UsageError(f"config file {path}: {', '.join(map(repr, unknown))} "
-                         f"{'is not a config field' if len(unknown) == 1 else 'are not config fields'} (see --help)")
+        problems.append(f"{', '.join(map(repr, unknown))} "
+                        f"{'is not a config field' if len(unknown) == 1 else 'are not config fields'} (see --help)")
+    for f in fields(config_class):
+        group = nested.get(f.name)
+        for name, kind, where in ([(g.name, g.type, group) for g in fields(f.type)] if is_dataclass(f.type)
+                                  else [(f.name, f.type, nested)]):
+            if isinstance(where, dict) and name in where:
+                where[name], problem = _typed(where[name], kind)
+                if problem:
+                    shown = yaml.safe_dump(where[name], default_flow_style=True).split("\n")[0]  # as in the file
+                    problems.append(f"{name if where is nested else f'{f.name}.{name}'}: {shown} {problem}")
+    if problems:
+        raise UsageError(*(f"config file {path}: {problem}" for problem in problems))
     return nested
+
+
+def _typed(value: Any, kind: Any) -> tuple[Any, str]:
+    """(value, "") when `value` read from YAML fits the field type `kind`, with an int or a YAML-1.1 string like
+    2e-3 made a float for a float field; else (value, what is wrong)."""
+    if get_origin(kind) is Union:  # Optional[float]
+        options = get_args(kind)
+        if value is None and type(None) in options:
+            return value, ""
+        return _typed(value, next(k for k in options if k is not type(None)))
+    if kind is float and not isinstance(value, bool):
+        if isinstance(value, int):
+            return float(value), ""
+        with contextlib.suppress(TypeError, ValueError):
+            return float(value), ""  # PyYAML reads 2e-3 (no dot) as a string
+        return value, "must be a number"
+    if get_origin(kind) is list:
+        (item,) = get_args(kind)
+        if isinstance(value, list) and all(_typed(v, item)[1] == "" for v in value):
+            return value, ""
+        return value, f"must be a list of {_type_names[item]}s, e.g. [{value}]" if isinstance(value, str) else (
+            f"must be a list of {_type_names[item]}s")
+    if kind in _type_names and not (type(value) is kind):  # bool is not an int here
+        quote = f": write '{value}'" if kind is str and isinstance(value, (int, float)) else ""
+        return value, f"must be {'an' if kind is int else 'a'} {_type_names[kind]}{quote}"
+    return value, ""
+
+
+_type_names = {int: "integer", str: "string", bool: "boolean (true or false)"}
 
 
 def parse_train_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:

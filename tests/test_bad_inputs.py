@@ -123,3 +123,37 @@ def test_every_problem_is_reported_at_once_through_a_real_process(fork, tmp_path
         "error: --monitor_mode 'up' is not one of: auto, min, max",
     ]
     assert not tmp_path.exists() or not any(tmp_path.iterdir())  # no run dir was created
+
+
+# A hand-edited config.yaml (or a --config_path file) with a value of the wrong type: (field, value, the error).
+WRONG_TYPES = [
+    ("hardware.devices", 2, "hardware.devices: 2 must be a string: write '2'"),
+    ("logger_name", "csv", "logger_name: csv must be a list of strings, e.g. [csv]"),
+    ("optim.epochs", 10.5, "optim.epochs: 10.5 must be an integer"),
+    ("seed", None, "seed: null must be an integer"),
+    ("hardware", None, "hardware must be a mapping of its fields, not null"),
+    ("hardware.compile", "maybe", "hardware.compile: maybe must be a boolean (true or false)"),
+    ("optim.base_lr", "fast", "optim.base_lr: fast must be a number"),
+    ("data.num_samples", True, "data.num_samples: true must be an integer"),  # the task's own field
+]
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), WRONG_TYPES, ids=[c[0] for c in WRONG_TYPES])
+def test_a_config_file_value_of_the_wrong_type_is_one_line_wherever_it_is_read(fork, world, tmp_path, key, value,
+                                                                              expected):
+    import yaml
+    from conftest import snapshot
+
+    run = tmp_path / "runs" / "edited"
+    shutil.copytree(good_run(world), run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    *groups, name = key.split(".")
+    (config[groups[0]] if groups else config)[name] = value
+    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    before = snapshot(tmp_path)
+    for script, args in [("train", ["--resume", str(run)]), ("test", ["--out_dir", str(run)]),
+                         ("train", ["--root_dir", str(tmp_path / "runs"), "--config_path", str(run / "config.yaml")])]:
+        result = fork.call(f"{script}.py", *args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (script, args, result.stderr)
+        assert result.stderr.strip().splitlines() == [f"error: config file {run / 'config.yaml'}: {expected}"]
+    assert snapshot(tmp_path) == before

@@ -101,6 +101,15 @@ def test_a_flat_config_file_means_the_same_as_the_nested_layout_of_config_yaml(t
     assert parse_train_config(["--config_path", str(flat), "--epochs", "4"]).optim.epochs == 4  # flags still win
 
 
+def test_numbers_in_a_config_file_are_read_as_a_user_writes_them(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("base_lr: 3e-4\nwarmup: 1\nlr: null\ndevices: '2'\nlogger_name: [csv, tensorboard]\n")
+    cfg = parse_train_config(["--config_path", str(path)])
+    assert cfg.optim.base_lr == 3e-4 and isinstance(cfg.optim.base_lr, float)  # YAML 1.1 reads 3e-4 as a string
+    assert cfg.optim.warmup == 1.0 and isinstance(cfg.optim.warmup, float) and cfg.optim.lr is None
+    assert (cfg.hardware.devices, cfg.logger_name) == ("2", ["csv", "tensorboard"])
+
+
 @pytest.mark.parametrize(("content", "needle"), [
     ("optim:\n  epochz: 3\n", "epochz"),  # unknown key
     ("optim: [unclosed\n", "config file"),  # malformed YAML
