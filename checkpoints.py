@@ -134,7 +134,10 @@ def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
 def load_newest_checkpoint(fabric: Fabric, run_dir: Path, state: dict[str, Any]) -> Path:
     """Restore `state` from the newest checkpoint of `run_dir` that loads: final.ckpt if training finished,
     else the periodic ones from the newest back. One that fails to load (truncated, corrupted, another
-    model's) is skipped with a warning and kept on disk."""
+    model's) is skipped with a warning and kept on disk. `run_dir` may be a checkpoint file: that one is loaded."""
+    if run_dir.is_file():
+        load_checkpoint(fabric, run_dir, state)
+        return run_dir
     ckpt_dir = run_dir / "checkpoints"
     final = ckpt_dir / "final.ckpt"
     candidates = ([final] if final.exists() else []) + periodic_checkpoints(ckpt_dir)[::-1]

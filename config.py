@@ -171,7 +171,8 @@ class TrainConfig:
     """Name suffix of this run's directory."""
     resume: str = ""
     """RUN_DIR of an earlier run to continue from its newest checkpoint, with its saved config; or auto: the
-    newest unfinished run under root_dir named *-OUT_DIR, else a new run."""
+    newest unfinished run under root_dir named *-OUT_DIR, else a new run; or a checkpoint file of a run
+    (RUN_DIR/checkpoints/step-N.ckpt): a new run dir continues from it, and the run stays as it was."""
     requeue: bool = False
     """Under SLURM, after a signal-triggered checkpoint, requeue the job (scontrol requeue $SLURM_JOB_ID)."""
     logger_name: list[str] = field(default_factory=lambda: ["csv"])
@@ -395,11 +396,7 @@ def parse_train_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
         argv = argv + ["--resume", run_dir]  # the last occurrence of a flag wins
         cfg = replace(cfg, resume=run_dir)
     if cfg.resume:
-        saved_path = Path(cfg.resume) / "config.yaml"
-        if not Path(cfg.resume).is_dir():
-            raise UsageError(f"--resume {cfg.resume!r}: no such run directory")
-        if not saved_path.is_file():
-            raise UsageError(f"--resume {cfg.resume!r} is not a run directory: it has no config.yaml")
+        saved_path = resumed_run(cfg.resume) / "config.yaml"
         saved = load_train_config(saved_path)
         cfg = _parse(TrainConfig, argv, defaults_file=saved_path)
         locked = [f"--{key.split('.')[-1]} {old!r} -> {new!r}" for key, (old, new) in overrides(saved, cfg).items()
@@ -408,6 +405,21 @@ def parse_train_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
             raise UsageError(f"--resume cannot change {', '.join(locked)}: the checkpoint would not fit. "
                              "Start a new run instead")
     return _validated(cfg)
+
+
+def resumed_run(resume: str) -> Path:
+    """The run that --resume continues: RUN_DIR itself, or the run whose checkpoints/ holds the file given."""
+    path = Path(resume)
+    if path.is_file():
+        if path.parent.name != "checkpoints" or not (path.parent.parent / "config.yaml").is_file():
+            raise UsageError(f"--resume {resume!r}: a checkpoint file must be in a run's checkpoints/ folder, next "
+                             "to which the run's config.yaml is")
+        return path.parent.parent
+    if not path.is_dir():
+        raise UsageError(f"--resume {resume!r}: no such run directory or checkpoint file")
+    if not (path / "config.yaml").is_file():
+        raise UsageError(f"--resume {resume!r} is not a run directory: it has no config.yaml")
+    return path
 
 
 def _given(argv: Sequence[str], flag: str) -> bool:

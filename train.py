@@ -75,8 +75,8 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
     if cfg.resume:
         checkpoint = checkpoints.load_newest_checkpoint(fabric, Path(cfg.resume), state)
         state["loss_sum"] = state["loss_sum"].to(fabric.device)  # checkpoints load onto the CPU
-        fabric.print(f"Resuming {cfg.resume} from {checkpoint.name}: epoch {state['epoch']}, "
-                     f"step {state['global_step']}")
+        fabric.print(f"Resuming from {checkpoint}: epoch {state['epoch']}, step {state['global_step']}" +
+                     (" (a chosen checkpoint: in a new run dir)" if Path(cfg.resume).is_file() else ""))
         for group in optimizer.param_groups:  # a resume's --weight_decay takes effect (its --lr does by itself)
             group["weight_decay"] = cfg.optim.weight_decay
         if schedule_change := continue_schedule(state, cfg.optim, epochs, steps_per_epoch, lr):  # never a jump

@@ -8,6 +8,7 @@ import fcntl
 import io
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -32,7 +33,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from tqdm import tqdm
 
 from checkpoints import clean_up_after_crash, wait_for_checkpoints
-from config import TrainConfig, load_train_config, overrides, to_yaml
+from config import TrainConfig, load_train_config, overrides, resumed_run, to_yaml
 from errors import UsageError
 
 
@@ -173,22 +174,33 @@ def create_run_dir(fabric: Fabric, cfg: TrainConfig, step: int, lr_schedule: dic
     taken, so two runs never share a directory) and writes config.yaml into it before training starts.
     A resumed run uses the given directory; if flags overrode its config, config.yaml is rewritten and
     resumes.yaml records which fields changed, from what to what, at which step, and the LR schedule from that
-    step on. Either way rank 0 holds the
+    step on. A run resumed from a chosen checkpoint file is a new run dir, which starts with a copy of the
+    original run's logs and resumes.yaml (the loggers then drop what came after the checkpoint); resumes.yaml
+    records the file. Either way rank 0 holds the
     run's lock first: a second process that would write into a run being trained stops with a one-line error,
     before it changes anything.
     """
     run_dir, problem = None, None
     if fabric.global_rank == 0:
-        run_dir = Path(cfg.resume) if cfg.resume else _new_run_dir(Path(cfg.root_dir), cfg.out_dir)
+        branch = bool(cfg.resume) and Path(cfg.resume).is_file()  # resumed from a chosen checkpoint file
+        run_dir = Path(cfg.resume) if cfg.resume and not branch else _new_run_dir(Path(cfg.root_dir), cfg.out_dir)
         problem = lock_run_dir(run_dir)
         if problem is None:
             # The saved config describes the run; how this process was launched (--resume) is not part of it.
             config_path, ran = run_dir / "config.yaml", replace(cfg, resume="")
             if cfg.resume:
-                clean_up_after_crash(run_dir / "checkpoints")
-                changed = overrides(load_train_config(config_path), ran)
-                if changed:
-                    _record_resume(run_dir / "resumes.yaml", step, changed, lr_schedule)
+                source = resumed_run(cfg.resume)
+                if branch:
+                    if (source / "logs").is_dir():
+                        shutil.copytree(source / "logs", run_dir / "logs", ignore=shutil.ignore_patterns("wandb"))
+                    if (source / "resumes.yaml").is_file():
+                        shutil.copy2(source / "resumes.yaml", run_dir / "resumes.yaml")
+                else:
+                    clean_up_after_crash(run_dir / "checkpoints")
+                changed = overrides(load_train_config(source / "config.yaml"), ran)
+                if changed or branch:
+                    _record_resume(run_dir / "resumes.yaml", step, changed, lr_schedule,
+                                   {"from_checkpoint": str(Path(cfg.resume).resolve())} if branch else {})
             if not config_path.exists() or config_path.read_text() != to_yaml(ran):
                 atomic_write_text(config_path, to_yaml(ran))
     run_dir, problem = fabric.broadcast((str(run_dir), problem), src=0)
@@ -197,10 +209,11 @@ def create_run_dir(fabric: Fabric, cfg: TrainConfig, step: int, lr_schedule: dic
     return Path(run_dir)
 
 
-def _record_resume(path: Path, step: int, changed: dict[str, tuple[Any, Any]], lr_schedule: dict[str, Any]) -> None:
-    """Append {step, time, overrides: {field: [before, after]}, lr_schedule} to RUN_DIR/resumes.yaml."""
+def _record_resume(path: Path, step: int, changed: dict[str, tuple[Any, Any]], lr_schedule: dict[str, Any],
+                   source: dict[str, str]) -> None:
+    """Append {step, time, [from_checkpoint], overrides: {field: [before, after]}, lr_schedule} to resumes.yaml."""
     history = yaml.safe_load(path.read_text()) if path.is_file() else []
-    history.append({"step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    history.append({"step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S"), **source,
                     "overrides": {key: list(values) for key, values in changed.items()}, "lr_schedule": lr_schedule})
     atomic_write_text(path, yaml.safe_dump(history, sort_keys=False))
 

@@ -70,6 +70,8 @@ CASES = [
     ("config file malformed", "train", ["--config_path", "{world}/malformed.yaml"], "is not valid YAML"),
     ("resume nowhere", "train", ["--resume", "{world}/runs/nope"], "--resume '{world}/runs/nope': no such run"),
     ("resume not a run", "train", ["--resume", "{world}"], "is not a run directory: it has no config.yaml"),
+    ("resume a file outside a run", "train", ["--resume", "{world}/other_model.ckpt"],
+     "--resume '{world}/other_model.ckpt': a checkpoint file must be in a run's checkpoints/ folder"),
     ("resume with config file", "train", ["--resume", "{run}", "--config_path", "{world}/unknown_key.yaml"],
      "--config_path cannot be combined with --resume"),
     ("resume changes the model", "train", ["--resume", "{run}", "--model", "linear"],

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import bitwise_equal, model_weights, only_run_dir
 
 pytestmark = pytest.mark.slow
@@ -145,7 +146,7 @@ def test_sigkill_mid_epoch_from_outside_then_resume_auto_is_bitwise_identical(fo
     resumed = fork.call("train.py", "--root_dir", str(root), "--resume", "auto", *ARGS, *SLOW)
     assert resumed.returncode == 0, resumed.stderr
     assert f"--resume auto: resuming the newest unfinished run {run_dir}" in resumed.stdout
-    assert re.search(rf"Resuming {run_dir} from step-\d+\.ckpt", resumed.stdout), resumed.stdout
+    assert re.search(rf"Resuming from {run_dir}/checkpoints/step-\d+\.ckpt", resumed.stdout), resumed.stdout
     assert only_run_dir(root) == run_dir
     assert_same_run(run_dir, slow_reference)
 
@@ -196,8 +197,26 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(fork, tmp_pa
     resumed = fork.call("train.py", "--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr
     assert f"warning: skipping an unloadable checkpoint: cannot load checkpoint {newest}" in resumed.stderr
-    assert f"Resuming {run_dir} from {previous.name}" in resumed.stdout
+    assert f"Resuming from {previous}: " in resumed.stdout
     assert_same_run(run_dir, reference)
+
+
+def test_resume_from_a_chosen_checkpoint_continues_in_a_new_run_dir_and_leaves_the_run_as_it_was(fork, tmp_path,
+                                                                                               reference):
+    from conftest import snapshot
+
+    chosen = sorted((reference / "checkpoints").glob("step-*.ckpt"))[0]  # the oldest one kept
+    step = torch.load(chosen, weights_only=True)["global_step"]
+    before = snapshot(reference)
+    resumed = fork.call("train.py", "--resume", str(chosen), "--root_dir", str(tmp_path))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Resuming from {chosen}: " in resumed.stdout and "(a chosen checkpoint: in a new run dir)" in resumed.stdout
+    branch = only_run_dir(tmp_path)
+    assert snapshot(reference) == before  # the run it came from is untouched
+    assert_same_run(branch, reference)  # its logs up to the checkpoint, then the same training to the bit
+    record = yaml.safe_load((branch / "resumes.yaml").read_text())[-1]
+    assert (record["step"], record["from_checkpoint"]) == (step, str(chosen.resolve()))
+    assert record["overrides"] == {"root_dir": [str(reference.parent), str(tmp_path)]}
 
 
 class _Exploit:
