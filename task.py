@@ -59,36 +59,50 @@ def metrics(info: DataInfo, report: bool = False) -> MetricCollection:
 def report(fabric: Fabric, model: nn.Module, loader: Any, dataset: Any, info: DataInfo, results: dict[str, Any],
            out_dir: Path) -> dict[str, Any]:
     """test.py's extras: per-class precision, recall and support (printed, and returned for metrics.json), the
-    confusion matrix, and for images a grid of misclassified ones (drawn into out_dir by rank 0)."""
+    confusion matrix, and for images the first misclassified ones of the test split (drawn into out_dir by rank 0,
+    listed in metrics.json)."""
     support = torch.tensor(results["confusion_matrix"]).sum(1).tolist()
     per_class = {name: {"precision": p, "recall": r, "support": s}
                  for name, p, r, s in zip(info.class_names, results["precision"], results["recall"], support)}
     fabric.print(f"\n  {'class':>12}  precision  recall  support\n" +
                  "\n".join(f"  {name:>12}  {c['precision']:9.4f}  {c['recall']:6.4f}  {c['support']:7d}"
                            for name, c in per_class.items()))
-    wrong = misclassified(model, loader, dataset) if isinstance(dataset, ImageTensorDataset) else None
+    extras = {"confusion_matrix": results["confusion_matrix"], "per_class": per_class}
     if fabric.is_global_zero:
         draw_confusion_matrix(results["confusion_matrix"], info.class_names, out_dir / "confusion_matrix.png")
-        if wrong:
-            draw_misclassified(*wrong, info.class_names, out_dir / "misclassified.png")
-    return {"confusion_matrix": results["confusion_matrix"], "per_class": per_class}
+    if isinstance(dataset, ImageTensorDataset):
+        index, images, true, predicted = misclassified(fabric, model, loader, dataset)
+        extras["misclassified"] = [{"index": i, "true": info.class_names[t], "predicted": info.class_names[p]}
+                                   for i, t, p in zip(index, true, predicted)]
+        if fabric.is_global_zero and index:
+            draw_misclassified(images, true, predicted, info.class_names, out_dir / "misclassified.png")
+    return extras
 
 
 @torch.no_grad()
-def misclassified(model: nn.Module, loader: Any, dataset: ImageTensorDataset,
-                  limit: int = 32) -> tuple[torch.Tensor, list[int], list[int]] | None:
-    """Up to `limit` wrongly classified images of this rank's shard, as (images in [0, 1], true, predicted)."""
+def misclassified(fabric: Fabric, model: nn.Module, loader: Any, dataset: ImageTensorDataset,
+                  limit: int = 32) -> tuple[list[int], torch.Tensor, list[int], list[int]]:
+    """The first `limit` wrongly classified images of the test split, gathered from every rank in the split's
+    order, so that 1 or N devices find the same ones: (indices in the split, images in [0, 1], true, predicted)."""
     model.eval()
-    images, true, predicted = [], [], []
-    for x, y in loader:
+    found, seen = [], 0  # (index in the split, image, true, predicted)
+    for x, y in loader:  # this rank's shard: samples rank, rank + world_size, ... (loaders.make_eval_loader)
         guesses = model(x).argmax(1)
-        wrong = (guesses != y).nonzero().flatten()[:limit - len(true)]
-        images.append(x[wrong].float().cpu() * dataset.std[0] + dataset.mean[0])  # undo the normalisation
-        true += y[wrong].tolist()
-        predicted += guesses[wrong].tolist()
-        if len(true) >= limit:
+        for i in (guesses != y).nonzero().flatten()[:limit - len(found)].tolist():
+            image = x[i].float().cpu() * dataset.std[0] + dataset.mean[0]  # undo the normalisation
+            found.append((fabric.global_rank + (seen + i) * fabric.world_size, image, int(y[i]), int(guesses[i])))
+        seen += len(y)
+        if len(found) >= limit:
             break
-    return (torch.cat(images), true, predicted) if true else None
+    if fabric.world_size > 1:  # the first `limit` of the split are among the first `limit` of some ranks
+        every = [None] * fabric.world_size
+        torch.distributed.all_gather_object(every, found)
+        found = [item for rank in every for item in rank]
+    found = sorted(found, key=lambda item: item[0])[:limit]
+    if not found:
+        return [], torch.empty(0), [], []
+    index, images, true, predicted = zip(*found)
+    return list(index), torch.stack(images), list(true), list(predicted)
 
 
 def draw_confusion_matrix(matrix: list[list[int]], class_names: tuple[str, ...], out: Path) -> Path:
@@ -114,7 +128,8 @@ def draw_misclassified(images: torch.Tensor, true: list[int], predicted: list[in
     """A grid of wrongly classified images (N, C, H, W in [0, 1]), each titled `true -> predicted`."""
     cols = min(8, len(images))
     rows = math.ceil(len(images) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.8 * rows), squeeze=False, constrained_layout=True)
+    width = max(1.6 * cols, 5.0)  # room for the title, however few images
+    fig, axes = plt.subplots(rows, cols, figsize=(width, 1.8 * rows + 0.4), squeeze=False, constrained_layout=True)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, t, p in zip(axes.flat, images, true, predicted):
