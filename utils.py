@@ -132,10 +132,13 @@ def training_flops(build_model: Callable[[], torch.nn.Module], forward: Callable
 
 class Progress:
     """Training progress, on global rank 0 only: a tqdm bar (step, ETA, loss, lr, samples/s) in a terminal, and
-    plain lines at each log step when the output goes to a file (CI, SLURM logs), where a bar is noise."""
+    plain lines at each log step when the output goes to a file (CI, SLURM logs), where a bar is noise.
+
+    The ETA is timed from the end of the first step: that one pays for one-time work (torch.compile, CUDA
+    kernels, the allocator, worker start-up) that would otherwise inflate every early estimate."""
 
     def __init__(self, fabric: Fabric, total_steps: int, done_steps: int) -> None:
-        self.shown, self.total, self.start = fabric.is_global_zero, total_steps, (time.perf_counter(), done_steps)
+        self.shown, self.total, self.done, self.start = fabric.is_global_zero, total_steps, done_steps, None
         self.bar = tqdm(total=total_steps, initial=done_steps, desc="train", unit="step", dynamic_ncols=True,
                         disable=not (self.shown and sys.stderr.isatty()))
 
@@ -147,13 +150,19 @@ class Progress:
 
     def update(self) -> None:
         self.bar.update()
+        self.done += 1
+        if self.start is None:  # the first step is done: time the rest from here
+            self.start = (time.perf_counter(), self.done)
+            if not self.bar.disable:
+                self.bar.start_t = self.bar.last_print_t = self.bar._time()
 
     def log(self, epoch: int, step: int, loss: float, lr: float, samples_per_s: float) -> None:
         if not self.bar.disable:
             self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", lr=f"{lr:.3g}", samples_per_s=f"{samples_per_s:.0f}")
         elif self.shown:
             seconds, steps = time.perf_counter() - self.start[0], step - self.start[1]
-            eta = time.strftime("%H:%M:%S", time.gmtime((self.total - step) * seconds / max(steps, 1)))
+            eta = "--:--:--" if steps == 0 else time.strftime("%H:%M:%S", time.gmtime((self.total - step) * seconds
+                                                                                       / steps))
             print(f"epoch {epoch} step {step}/{self.total} loss {loss:.4f} lr {lr:.3g} {samples_per_s:.0f} samples/s "
                   f"eta {eta}", flush=True)
 

@@ -400,3 +400,19 @@ def factor_at(warmup_steps: int, total_steps: int, step: int) -> float:
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / (total_steps - warmup_steps)))
+
+
+def test_the_eta_leaves_out_the_first_step_which_pays_for_one_time_work(monkeypatch, capsys):
+    import types
+
+    import utils
+
+    clock = [100.0]
+    monkeypatch.setattr(utils.time, "perf_counter", lambda: clock[0])
+    with utils.Progress(types.SimpleNamespace(is_global_zero=True), total_steps=1010, done_steps=0) as progress:
+        for step in range(1, 11):
+            clock[0] += 60.0 if step == 1 else 0.5  # a compile on the first step, then 0.5 s per step
+            progress.update()
+        progress.log(1, 10, 0.5, 1e-3, 100.0)
+    # 1000 steps to go at 0.5 s each: 500 s, not the 6.7 hours an average over the first step would say.
+    assert "step 10/1010 loss 0.5000 lr 0.001 100 samples/s eta 00:08:20" in capsys.readouterr().out
