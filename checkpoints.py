@@ -20,10 +20,21 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.fabric import Fabric
+from lightning.fabric.plugins import TorchCheckpointIO
 
 from errors import NonFiniteLoss, UsageError
 
 PERIODIC_CHECKPOINT = re.compile(r"^step-(\d+)\.ckpt$")
+
+
+class DirectCheckpointIO(TorchCheckpointIO):
+    """Fabric's checkpoint writer, minus its own atomic save: save_checkpoint below already writes to a temporary
+    name in checkpoints/ and renames it. Fabric's would first hold the whole checkpoint in memory, then write a
+    temporary file in $TMPDIR and move it: a copy on another filesystem, and a file a kill leaves there forever."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(checkpoint, path)
 
 
 def periodic_checkpoints(ckpt_dir: Path) -> list[Path]:

@@ -32,7 +32,7 @@ from lightning.pytorch.loggers import CSVLogger  # Fabric's own CSVLogger cannot
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from tqdm import tqdm
 
-from checkpoints import clean_up_after_crash, wait_for_checkpoints
+from checkpoints import DirectCheckpointIO, clean_up_after_crash, wait_for_checkpoints
 from config import TrainConfig, load_train_config, overrides, resumed_run, to_yaml
 from errors import UsageError
 
@@ -87,7 +87,7 @@ def make_fabric(accelerator: str, devices: str, num_nodes: int = 1, strategy: st
     devices_arg = int(devices) if devices.lstrip("-").isdigit() else devices  # "2" -> 2; "0,1" and "auto" as is
     try:
         return Fabric(accelerator=accelerator, devices=devices_arg, num_nodes=num_nodes, strategy=strategy,
-                      precision=precision)
+                      precision=precision, plugins=[DirectCheckpointIO()])
     except (ValueError, RuntimeError, TypeError, ImportError) as err:  # e.g. --accelerator cuda without a GPU
         flags = f"--accelerator {accelerator} --devices {devices} --num_nodes {num_nodes} --strategy {strategy}"
         reason = " ".join(str(err).split())

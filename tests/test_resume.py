@@ -79,6 +79,9 @@ CRASH_RUNNER = textwrap.dedent("""
         crash_on_call(checkpoints.os, "replace", n)
     elif when == "before_prune":
         crash_on_call(checkpoints, "prune_checkpoints", n)
+    elif when == "move_into_place":  # how Fabric's own atomic save put a file written in $TMPDIR into place
+        import shutil
+        crash_on_call(shutil, "move", n)
     train.cli(sys.argv[3:])
 """)
 
@@ -303,3 +306,22 @@ def test_resume_auto_picks_up_an_interrupted_run_even_after_a_later_one_finished
     resumed = fork.call("train.py", "--root_dir", str(tmp_path), "--resume", "auto")
     assert f"--resume auto: resuming the newest unfinished run {interrupted}" in resumed.stdout
     assert (interrupted / "checkpoints" / "final.ckpt").is_file()
+
+
+def test_a_kill_while_a_checkpoint_is_written_leaves_nothing_outside_the_run(fork, tmp_path):
+    # Fabric's own save writes a temporary file in $TMPDIR and moves it into place; a kill at that moment used to
+    # leave the whole checkpoint there. The template writes straight into checkpoints/, under a temporary name.
+    runner = fork.path / "crash_runner.py"
+    runner.write_text(CRASH_RUNNER)
+    tmpdir, root = tmp_path / "tmpdir", tmp_path / "runs"
+    tmpdir.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmpdir)}
+    for when in ["move_into_place", "mid_write"]:  # the moment Fabric's save would move its file; our write
+        crashed = subprocess.run([sys.executable, str(runner), when, "3", "--root_dir", str(root / when), *ARGS],
+                                 capture_output=True, text=True, cwd=fork.path, timeout=300, env=env)
+        assert crashed.returncode in (0, -signal.SIGKILL), crashed.stderr
+        assert not [p for p in tmpdir.rglob("*") if p.is_file()], when  # (torch makes an empty cache folder there)
+    killed = only_run_dir(root / "mid_write")
+    assert list((killed / "checkpoints").glob(".*.tmp"))  # the cut-off file is in the run, under a temporary name
+    assert fork.call("train.py", "--resume", str(killed)).returncode == 0
+    assert not list((killed / "checkpoints").glob(".*.tmp"))  # and the resume removes it
