@@ -49,19 +49,20 @@ def logged_values(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if not k.endswith("_per_sec")} for row in rows]
 
 
-# Each crash is injected in a real process: `when` is patched in, and on its n-th call the process kills itself.
+# Each crash is injected in a real process: `when` is patched in, and on its n-th call the process kills itself
+# (or, for a stop signal, sends itself SIGTERM and goes on).
 CRASH_RUNNER = textwrap.dedent("""
     import os, signal, sys
     sys.path.insert(0, os.getcwd())
     import lightning.fabric, checkpoints, train
 
-    def crash_on_call(owner, name, n, before=None):
+    def crash_on_call(owner, name, n, before=None, signum=signal.SIGKILL):
         original, calls = getattr(owner, name), [0]
         def wrapper(*args, **kwargs):
             calls[0] += 1
             if calls[0] == n:
                 if before: before(*args, **kwargs)
-                os.kill(os.getpid(), signal.SIGKILL)
+                os.kill(os.getpid(), signum)
             return original(*args, **kwargs)
         setattr(owner, name, wrapper)
 
@@ -79,6 +80,8 @@ CRASH_RUNNER = textwrap.dedent("""
         crash_on_call(checkpoints.os, "replace", n)
     elif when == "before_prune":
         crash_on_call(checkpoints, "prune_checkpoints", n)
+    elif when == "sigterm_in_validation":  # evaluate's calls: the first batch's check, then each epoch's
+        crash_on_call(train, "evaluate", n, signum=signal.SIGTERM)
     elif when == "move_into_place":  # how Fabric's own atomic save put a file written in $TMPDIR into place
         import shutil
         crash_on_call(shutil, "move", n)
@@ -325,3 +328,27 @@ def test_a_kill_while_a_checkpoint_is_written_leaves_nothing_outside_the_run(for
     assert list((killed / "checkpoints").glob(".*.tmp"))  # the cut-off file is in the run, under a temporary name
     assert fork.call("train.py", "--resume", str(killed)).returncode == 0
     assert not list((killed / "checkpoints").glob(".*.tmp"))  # and the resume removes it
+
+
+@pytest.mark.parametrize("how", ["RUN_DIR", "auto"])
+def test_sigterm_during_the_last_validation_then_resume_finishes_the_run_once(fork, tmp_path, how):
+    runner = fork.path / "crash_runner.py"
+    runner.write_text(CRASH_RUNNER)
+    root = tmp_path / "runs"
+    stopped = subprocess.run([sys.executable, str(runner), "sigterm_in_validation", "3", "--root_dir", str(root),
+                              "--epochs", "2"], capture_output=True, text=True, cwd=fork.path, timeout=300)
+    assert stopped.returncode == 143, stopped.stderr
+    run_dir = only_run_dir(root)
+    assert f"Stopped by SIGTERM: checkpoint saved. Continue with: python train.py --resume {run_dir}" in stopped.stdout
+    last = max((run_dir / "checkpoints").glob("step-*.ckpt"))
+    assert torch.load(last, weights_only=True)["epoch"] == 2  # the last epoch's checkpoint, after its validation
+    assert not (run_dir / "checkpoints" / "final.ckpt").exists() and not (run_dir / "curves.png").exists()
+
+    finished = fork.call("train.py", *(["--resume", str(run_dir)] if how == "RUN_DIR" else
+                                       ["--root_dir", str(root), "--resume", "auto"]))
+    assert finished.returncode == 0, finished.stderr
+    assert "Training is done (2 epochs); finishing the run" in finished.stdout and "Finished 0 steps" in finished.stdout
+    assert bitwise_equal(run_dir / "checkpoints" / "final.ckpt", last) and (run_dir / "curves.png").is_file()
+    assert "best val/mae" in finished.stdout
+    again = fork.call("train.py", "--root_dir", str(root), "--resume", "auto")  # a requeued job moves on
+    assert f"(the newest: {run_dir}): starting a new run" in again.stdout and len(list(root.iterdir())) == 2

@@ -230,20 +230,6 @@ def test_resume_can_extend_training_and_a_finished_run_says_so(fork, tmp_path):
     assert only_run_dir(tmp_path) == run_dir
 
 
-def test_a_run_stopped_after_its_last_epoch_checkpoint_is_finished_by_its_resume(fork, tmp_path):
-    run_dir = fork.train(tmp_path, "--epochs", "2")
-    last = max((run_dir / "checkpoints").glob("step-*.ckpt"))
-    (run_dir / "checkpoints" / "final.ckpt").unlink()  # as if stopped during the last validation, after its save
-    (run_dir / "curves.png").unlink()
-    finished = fork.call("train.py", "--resume", str(run_dir))
-    assert finished.returncode == 0, finished.stderr
-    assert "Training is done (2 epochs); finishing the run" in finished.stdout and "Finished 0 steps" in finished.stdout
-    assert bitwise_equal(run_dir / "checkpoints" / "final.ckpt", last) and (run_dir / "curves.png").is_file()
-    assert "best val/mae" in finished.stdout
-    again = fork.call("train.py", "--root_dir", str(tmp_path), "--resume", "auto")  # a requeued job moves on
-    assert f"(the newest: {run_dir}): starting a new run" in again.stdout
-
-
 def test_a_new_run_never_touches_earlier_runs(fork, tmp_path):
     first = fork.train(tmp_path, "--fast_run")
     before = snapshot(first)
