@@ -122,7 +122,7 @@ def test_checkpointed_on_two_processes_resumes_on_one(fork, two_processes, one_p
     result = fork.call("train.py", "--resume", str(run_dir), "--accelerator", "cpu", "--devices", "1",
                        "--strategy", "auto")
     assert result.returncode == 0, result.stderr
-    assert f"from step-{cut:08d}.ckpt: epoch 1, step {cut}" in result.stdout
+    assert f"/checkpoints/step-{cut:08d}.ckpt: epoch 1, step {cut}" in result.stdout
     # The run was configured with --max_batch_size_per_device 16: on one device that means 4 accumulation steps.
     assert "1 device(s) x 16 samples x 4 accumulation step(s) = 64 per optimizer step | lr 0.002" in result.stdout
     assert max_abs_diff(final(run_dir), final(one_process)) < SAME_MATH
@@ -132,7 +132,7 @@ def test_checkpointed_on_one_process_resumes_on_two(fork, one_process, tmp_path)
     run_dir, cut = cut_mid_epoch_2(one_process, tmp_path / "cut")
     result = fork.run("train.py", "--resume", str(run_dir), *TWO_PROCESSES)
     assert result.returncode == 0, result.stderr
-    assert f"from step-{cut:08d}.ckpt: epoch 1, step {cut}" in result.stdout
+    assert f"/checkpoints/step-{cut:08d}.ckpt: epoch 1, step {cut}" in result.stdout
     assert "2 device(s) x 32 samples x 1 accumulation step(s) = 64 per optimizer step | lr 0.002" in result.stdout
     assert max_abs_diff(final(run_dir), final(one_process)) < SAME_MATH
 

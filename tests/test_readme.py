@@ -12,6 +12,7 @@ from tests.test_digits import write_tiny_mnist
 pytestmark = pytest.mark.slow
 README = (REPO / "README.md").read_text()
 RUN_DIR_PLACEHOLDER = re.compile(r"^(RUN_DIR|runs/\d{8}-\d{6}-run)$")
+CHECKPOINT_PLACEHOLDER = re.compile(r"^(RUN_DIR|runs/\d{8}-\d{6}-run)/checkpoints/step-\d+\.ckpt$")
 
 
 def readme_commands() -> list[str]:
@@ -38,6 +39,8 @@ def test_every_readme_command_runs(tmp_path, capsys):
     for command in commands:
         script, *args = shlex.split(command)[1:]
         args = [str(run_dir) if RUN_DIR_PLACEHOLDER.match(a) else a for a in args]
+        args = [str(min((run_dir / "checkpoints").glob("step-*.ckpt"))) if CHECKPOINT_PLACEHOLDER.match(a) else a
+                for a in args]
         if script == "train.py":
             args += ["--root_dir", str(runs), "--fast_run"]  # later flags win
             if "--dataset" in args:
