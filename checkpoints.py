@@ -43,6 +43,40 @@ def periodic_checkpoints(ckpt_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step a checkpoint was saved at: from the name of a periodic one, else read from the file
+    (memory-mapped: its tensors are not read). -1 when it cannot be read."""
+    if match := PERIODIC_CHECKPOINT.match(path.name):
+        return int(match.group(1))
+    try:
+        return int(torch.load(path, mmap=True, weights_only=True, map_location="cpu")["global_step"])
+    except Exception:  # noqa: BLE001 - unreadable: loading it will say why
+        return -1
+
+
+def resume_candidates(ckpt_dir: Path) -> list[Path]:
+    """The checkpoints a resume may continue from, newest first by their step: final.ckpt first only if no
+    periodic checkpoint is newer (a finished run that a resume extended, then was stopped, is not finished)."""
+    final = ckpt_dir / "final.ckpt"
+    ranked = [(int(PERIODIC_CHECKPOINT.match(p.name).group(1)), 0, p) for p in periodic_checkpoints(ckpt_dir)]
+    if final.exists():
+        ranked.append((checkpoint_step(final), 1, final))
+    return [p for *_, p in sorted(ranked, key=lambda r: (r[0], r[1]), reverse=True)]
+
+
+def newest_checkpoint(ckpt_dir: Path) -> str | None:
+    """The name of the newest checkpoint on disk once those being published are, or None."""
+    wait_for_checkpoints()
+    candidates = resume_candidates(ckpt_dir)
+    return candidates[0].name if candidates else None
+
+
+def is_finished(ckpt_dir: Path) -> bool:
+    """Whether the run's newest checkpoint is final.ckpt."""
+    candidates = resume_candidates(ckpt_dir)
+    return bool(candidates) and candidates[0].name == "final.ckpt"
+
+
 _publisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-publisher")
 _publishing: list[Future] = []
 
@@ -59,9 +93,14 @@ def save_checkpoint(fabric: Fabric, state: dict[str, Any], *paths: Path, keep: i
     """
     if not paths:
         return
+    # Periodic names last: a resume continues from the newest of those, so a crash between the renames redoes
+    # the epoch and with it best.ckpt, rather than skipping a best.ckpt that was never put in place.
+    paths = tuple(sorted(paths, key=lambda p: bool(PERIODIC_CHECKPOINT.match(p.name))))
+    keep = keep if PERIODIC_CHECKPOINT.match(paths[-1].name) else None
     finite = torch.stack([p.isfinite().all() for p in state["model"].parameters()]).all()
     if not fabric.all_reduce(finite.float(), reduce_op="min").item():  # one sync per checkpoint, not per step
-        raise NonFiniteLoss(f"the weights are not finite at step {state['global_step']} ({paths[0].name})")
+        raise NonFiniteLoss(f"the weights are not finite at step {state['global_step']} ({paths[0].name})",
+                            newest_checkpoint(paths[0].parent))
     tmp = _temporary_name(paths[0])
     fabric.save(tmp, {**state, "rng": gather_rng_states(fabric)})
     fabric.barrier()  # every rank's part is written
@@ -142,24 +181,41 @@ def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
         remove_checkpoint(path)
 
 
-def load_newest_checkpoint(fabric: Fabric, run_dir: Path, state: dict[str, Any]) -> Path:
-    """Restore `state` from the newest checkpoint of `run_dir` that loads: final.ckpt if training finished,
-    else the periodic ones from the newest back. One that fails to load (truncated, corrupted, another
-    model's) is skipped with a warning and kept on disk. `run_dir` may be a checkpoint file: that one is loaded."""
+def load_newest_checkpoint(fabric: Fabric, run_dir: Path, state: dict[str, Any]) -> tuple[Path, list[Path]]:
+    """Restore `state` from the newest checkpoint of `run_dir` that loads (resume_candidates), and return it with
+    the newer ones that failed to load (truncated, corrupted, another model's), each skipped with a warning; the
+    caller moves those aside once it owns the run, so that rotation never counts them. `run_dir` may be a
+    checkpoint file: that one is loaded."""
     if run_dir.is_file():
         load_checkpoint(fabric, run_dir, state)
-        return run_dir
+        return run_dir, []
     ckpt_dir = run_dir / "checkpoints"
-    final = ckpt_dir / "final.ckpt"
-    candidates = ([final] if final.exists() else []) + periodic_checkpoints(ckpt_dir)[::-1]
-    for path in candidates:
+    candidates = resume_candidates(ckpt_dir)
+    for i, path in enumerate(candidates):
         try:
             load_checkpoint(fabric, path, state)
-            return path
+            return path, candidates[:i]
         except UsageError as err:
             fabric.print(f"warning: skipping an unloadable checkpoint: {err}", file=sys.stderr)
     skipped = f" ({len(candidates)} could not be loaded)" if candidates else ""
     raise UsageError(f"--resume {str(run_dir)!r} has no loadable checkpoint in {ckpt_dir}{skipped}")
+
+
+def set_aside(damaged: list[Path]) -> list[Path]:
+    """Move damaged checkpoints into checkpoints/damaged/ (kept, never deleted, and out of the rotation, which
+    would otherwise rank them as the newest and delete good ones); returns their new paths."""
+    moved = []
+    for path in damaged:
+        folder = path.parent / "damaged"
+        folder.mkdir(exist_ok=True)
+        target = folder / path.name
+        while target.exists():  # an earlier damaged file of the same name
+            target = target.with_name(f"{target.stem}.{time.strftime('%Y%m%d-%H%M%S')}-{len(moved)}{target.suffix}")
+        os.replace(path, target)
+        moved.append(target)
+    if moved:
+        _fsync(moved[0].parent.parent)
+    return moved
 
 
 def load_checkpoint(fabric: Fabric, path: Path, state: dict[str, Any]) -> None:

@@ -437,8 +437,9 @@ AUTO_RESUME_ENV = "TEMPLATE_AUTO_RESUME_DIR"
 
 
 def _auto_resume_dir(cfg: TrainConfig) -> str:
-    """--resume auto: the newest run under root_dir named YYYYmmdd-HHMMSS-OUT_DIR that has not finished (no
-    checkpoints/final.ckpt) and has a checkpoint, even when a later run has finished since; "" for a new run.
+    """--resume auto: the newest run under root_dir named YYYYmmdd-HHMMSS-OUT_DIR that has not finished (its newest
+    checkpoint is not final.ckpt) and has a periodic checkpoint, even when a later run has finished since; "" for a
+    new run.
 
     Decided once, in the process that launches the others: Fabric's launcher passes the environment on to
     the processes it starts, which must not look again (rank 0 may have created a new run dir meanwhile)."""
@@ -447,7 +448,9 @@ def _auto_resume_dir(cfg: TrainConfig) -> str:
     pattern = re.compile(rf"^\d{{8}}-\d{{6}}-{re.escape(cfg.out_dir)}$")
     root = Path(cfg.root_dir)
     runs = sorted(p for p in root.glob(f"*-{cfg.out_dir}") if pattern.match(p.name)) if root.is_dir() else []
-    unfinished = [run for run in runs if not (run / "checkpoints" / "final.ckpt").exists()
+    from checkpoints import is_finished  # reads final.ckpt's step: only here, the rest of config.py needs no torch
+
+    unfinished = [run for run in runs if not is_finished(run / "checkpoints")
                   and list((run / "checkpoints").glob("step-*.ckpt"))]
     if unfinished:
         decision, message = str(unfinished[-1]), f"resuming the newest unfinished run {unfinished[-1]}"

@@ -1,8 +1,13 @@
 """What a run tells the user when it stops early: one `error:` line per problem and a documented exit code."""
 
 import contextlib
+import os
 import sys
 from typing import Iterator
+
+# Set by a process while it calls fabric.launch (utils.launch): the processes Fabric starts for it inherit it.
+LAUNCHER_ENV = "TEMPLATE_LAUNCHER_PID"
+_STARTED_BY_LAUNCHER = os.environ.get(LAUNCHER_ENV) == str(os.getppid())  # read before this process sets its own
 
 
 class UsageError(Exception):
@@ -16,11 +21,14 @@ class UsageError(Exception):
 
 
 class NonFiniteLoss(UsageError):
+    """Training diverged. `newest`: the name of the newest checkpoint on disk (all hold finite weights), if any."""
+
     exit_code = 3
 
-    def __init__(self, problem: str) -> None:
-        super().__init__(f"{problem}; stopped without saving, so the newest checkpoint holds the last finite weights. "
-                         "Resume from it with a lower --lr or a --grad_clip")
+    def __init__(self, problem: str, newest: str | None) -> None:
+        advice = (f"resume with a lower --lr or a --grad_clip: it continues from {newest}, the last finite weights"
+                  if newest else "no checkpoint was saved before it: start again with a lower --lr or a --grad_clip")
+        super().__init__(f"{problem}; stopped without saving; {advice}")
 
 
 @contextlib.contextmanager
@@ -32,6 +40,13 @@ def exit_on_usage_error() -> Iterator[None]:
     except UsageError as err:
         if "--debug" in sys.argv:
             raise
-        for problem in err.problems:
-            print(f"error: {problem}", file=sys.stderr)
+        if not started_by_launcher():  # the launching process prints the same lines (every rank runs the same code)
+            for problem in err.problems:
+                print(f"error: {problem}", file=sys.stderr)
         sys.exit(err.exit_code)
+
+
+def started_by_launcher() -> bool:
+    """Whether this process was started by the Fabric launcher of another process on this node (ddp). That one
+    reports how the run ended; and its launcher ends every process as soon as one exits with a non-zero code."""
+    return _STARTED_BY_LAUNCHER

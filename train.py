@@ -6,6 +6,7 @@ The loop never looks inside a batch: task.forward turns it into a loss, and task
 """
 
 import math
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,7 +22,7 @@ import task
 import utils
 from config import LogConfig, OptimConfig, TrainConfig, parse_train_config
 from data import load_splits
-from errors import NonFiniteLoss, UsageError, exit_on_usage_error
+from errors import NonFiniteLoss, UsageError, exit_on_usage_error, started_by_launcher
 from loaders import GlobalBatchSampler, make_eval_loader, make_train_loader
 from model import build_model
 from plots import draw_curves
@@ -73,7 +74,9 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
     flops_per_batch = utils.training_flops(lambda: build_model(cfg.arch, info, pretrained=False), task.forward,
                                            first_batch)
     if cfg.resume:
-        checkpoint = checkpoints.load_newest_checkpoint(fabric, Path(cfg.resume), state)
+        checkpoint, damaged = checkpoints.load_newest_checkpoint(fabric, Path(cfg.resume), state)
+        if damaged:  # newer checkpoints that did not load: kept, but out of the rotation, which would prune good ones
+            utils.set_aside_damaged(fabric, Path(cfg.resume), damaged)
         state["loss_sum"] = state["loss_sum"].to(fabric.device)  # checkpoints load onto the CPU
         fabric.print(f"Resuming from {checkpoint}: epoch {state['epoch']}, step {state['global_step']}" +
                      (" (a chosen checkpoint: in a new run dir)" if Path(cfg.resume).is_file() else ""))
@@ -97,7 +100,9 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
     # Set after loading, so that a resumed run's checkpoints carry this run's config, not the checkpoint's.
     state["config"], state["logger_ids"] = asdict(cfg), {"wandb": utils.wandb_run_id(run_dir)}
     # Loggers need RUN_DIR, known only after launch, and the step a resumed run continues from.
-    fabric._loggers = utils.make_loggers(cfg, run_dir, state["global_step"] if cfg.resume else None)
+    # A checkpoint at an epoch's end (sample_offset 0) comes after that epoch's validation; a mid-epoch one before.
+    resumed_at = (state["global_step"], state["sample_offset"] == 0) if cfg.resume else None
+    fabric._loggers = utils.make_loggers(cfg, run_dir, resumed_at)
     if not cfg.resume:
         for logger in fabric.loggers:
             logger.log_hyperparams({**asdict(cfg), "world_size": fabric.world_size, "lr_used": lr,
@@ -117,8 +122,8 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
         """Written once; further names are hard links to the same file. Periodic ones (step-N) rotate."""
         # The ranks' partial loss sums become their mean: the same logged value, at any world size after a resume.
         state["loss_sum"] = fabric.all_reduce(state["loss_sum"], reduce_op="mean")
-        keep = cfg.log.num_checkpoint_keep if names and names[0].startswith("step-") else None
-        checkpoints.save_checkpoint(fabric, state, *(ckpt_dir / name for name in names), keep=keep)
+        checkpoints.save_checkpoint(fabric, state, *(ckpt_dir / name for name in names),
+                                    keep=cfg.log.num_checkpoint_keep)
 
     log_every, ckpt_every = cfg.log_every_n_steps(steps_per_epoch), cfg.log.checkpoint_every_n_steps
     throughput = ThroughputMonitor(fabric, window_size=3)  # samples/s over the last 2 log intervals; MFU on GPUs
@@ -139,7 +144,9 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
                 if is_accumulating:
                     continue
                 if cfg.optim.grad_clip > 0:
-                    fabric.clip_gradients(model, optimizer, max_norm=cfg.optim.grad_clip)
+                    # No error here for a non-finite norm: that check would cost a CPU sync on every step. The
+                    # loss is checked at each log step, and the weights before each checkpoint.
+                    fabric.clip_gradients(model, optimizer, max_norm=cfg.optim.grad_clip, error_if_nonfinite=False)
                 lr_now = lr * lr_factor(state["global_step"], state["schedule"])
                 for group in optimizer.param_groups:
                     group["lr"] = lr_now
@@ -152,7 +159,8 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
                 if state["global_step"] % log_every == 0:
                     train_loss = fabric.all_reduce(state["loss_sum"] / state["loss_count"]).item()  # the CPU sync
                     if not math.isfinite(train_loss):
-                        raise NonFiniteLoss(f"the training loss is {train_loss} at step {state['global_step']}")
+                        raise NonFiniteLoss(f"the training loss is {train_loss} at step {state['global_step']}",
+                                            checkpoints.newest_checkpoint(ckpt_dir))
                     steps = state["global_step"] - start_step
                     seconds, samples = time.perf_counter() - start_time, steps * batch_size * accum_steps  # per device
                     throughput.update(time=seconds, batches=steps, samples=samples,
@@ -169,7 +177,7 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
                 if signum or (ckpt_every and state["global_step"] % ckpt_every == 0):
                     save_checkpoint(f"step-{state['global_step']:08d}.ckpt")
                 if signum:
-                    raise utils.Preempted(signum, run_dir)
+                    utils.stop_after_signal(fabric, cfg, signum, ckpt_dir / f"step-{state['global_step']:08d}.ckpt")
 
             val = scalars(evaluate(fabric, model, val_loader, metrics, FAST_RUN_BATCHES if cfg.fast_run else None)[0])
             state["epoch"], state["sample_offset"] = epoch + 1, 0
@@ -186,7 +194,7 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
                 names.append("best.ckpt")
             save_checkpoint(*names)
             if signum:
-                raise utils.Preempted(signum, run_dir)
+                utils.stop_after_signal(fabric, cfg, signum, ckpt_dir / names[0])
 
     save_checkpoint("final.ckpt")
     checkpoints.wait_for_checkpoints()  # on disk before the run says it is finished
@@ -319,10 +327,8 @@ def cli(argv: list[str] | None = None) -> None:
         try:
             utils.launch(fabric, main, cfg)
             status = "success"
-        except utils.Preempted as stopped:
-            fabric.print(f"Stopped by {stopped.signal_name}: checkpoint saved. Continue with: "
-                         f"python train.py --resume {stopped.run_dir}")
-            utils.exit_after_preemption(fabric, cfg, stopped.signum)
+        except utils.Preempted as stopped:  # the checkpoint is on disk, and the run said so (stop_after_signal)
+            sys.exit(0 if started_by_launcher() else 128 + stopped.signum)
         finally:
             for logger in fabric.loggers:  # flush what is buffered, whatever happened
                 logger.finalize(status)

@@ -18,7 +18,7 @@ import warnings
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import torch
 import yaml
@@ -32,17 +32,17 @@ from lightning.pytorch.loggers import CSVLogger  # Fabric's own CSVLogger cannot
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from tqdm import tqdm
 
-from checkpoints import DirectCheckpointIO, clean_up_after_crash, wait_for_checkpoints
+from checkpoints import DirectCheckpointIO, checkpoint_step, clean_up_after_crash, set_aside, wait_for_checkpoints
 from config import TrainConfig, load_train_config, overrides, resumed_run, to_yaml
-from errors import UsageError
+from errors import LAUNCHER_ENV, UsageError
 
 
 class Preempted(Exception):
-    """Raised after the checkpoint that a stop signal asked for is safely written."""
+    """Raised on every rank after the checkpoint that a stop signal asked for is on disk (stop_after_signal)."""
 
-    def __init__(self, signum: int, run_dir: Path) -> None:
-        self.signum, self.run_dir, self.signal_name = signum, run_dir, signal.Signals(signum).name
-        super().__init__(self.signal_name)
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
 
 
 class StopSignals:
@@ -69,17 +69,25 @@ class StopSignals:
         return int(fabric.all_reduce(torch.tensor(self.received, device=fabric.device), reduce_op="max").item())
 
 
-def exit_after_preemption(fabric: Fabric, cfg: TrainConfig, signum: int) -> None:
-    """Requeue the SLURM job if asked to, then exit with 128 + the signal number, as a shell reports it."""
+def stop_after_signal(fabric: Fabric, cfg: TrainConfig, signum: int, checkpoint: Path) -> NoReturn:
+    """After the checkpoint that stop signal `signum` asked for: once it is on disk, rank 0 says so, requeues the
+    SLURM job if asked to and flushes the loggers, and only then does any rank stop (Preempted; the exit code is
+    128 + signum, as a shell reports it). A rank that exited earlier could get the others killed before the
+    checkpoint is durable: Fabric's launcher ends every process when one exits with a non-zero code."""
     wait_for_checkpoints()
-    job_id = os.environ.get("SLURM_JOB_ID")
-    if cfg.requeue and fabric.global_rank == 0:
-        if job_id:
-            fabric.print(f"Requeueing SLURM job {job_id}")
+    if fabric.global_rank == 0:
+        print(f"Stopped by {signal.Signals(signum).name} at step {checkpoint_step(checkpoint)}: {checkpoint} saved. "
+              f"Continue with: python train.py --resume {checkpoint.parent.parent}", flush=True)
+        job_id = os.environ.get("SLURM_JOB_ID")
+        if cfg.requeue and job_id:
+            print(f"Requeueing SLURM job {job_id}", flush=True)
             subprocess.run(["scontrol", "requeue", job_id], check=False)
-        else:
-            fabric.print("--requeue: not under SLURM (no SLURM_JOB_ID), nothing to requeue")
-    sys.exit(128 + signum)
+        elif cfg.requeue:
+            print("--requeue: not under SLURM (no SLURM_JOB_ID), nothing to requeue", flush=True)
+        for logger in fabric.loggers:
+            logger.finalize("failed")
+    fabric.barrier()
+    raise Preempted(signum)
 
 
 def make_fabric(accelerator: str, devices: str, num_nodes: int = 1, strategy: str = "auto",
@@ -96,7 +104,8 @@ def make_fabric(accelerator: str, devices: str, num_nodes: int = 1, strategy: st
 
 def launch(fabric: Fabric, function: Callable, *args: Any) -> Any:
     """fabric.launch(function, *args), leaving the process group when `function` returns. Under `fabric run`,
-    which has started the processes already, a plain call."""
+    which has started the processes already, a plain call. A stop signal or a usage error in a worker that
+    ddp_spawn started is raised again in the launching process, which reports it once."""
     if _is_using_cli():
         # `fabric run` sets OMP_NUM_THREADS to all the cores for every process it starts; share them between the
         # processes instead, as Fabric's own launchers do (a value of your own is kept).
@@ -104,13 +113,37 @@ def launch(fabric: Fabric, function: Callable, *args: Any) -> Any:
             del os.environ["OMP_NUM_THREADS"]
         _set_num_threads_if_needed(num_processes=getattr(fabric.strategy, "num_processes", 1))
         return _call_then_leave_process_group(function, args, fabric)
-    # Bound here rather than passed to launch(): ddp_spawn's launcher rejects frozen dataclasses in arguments.
-    return fabric.launch(partial(_call_then_leave_process_group, function, args))
+    os.environ[LAUNCHER_ENV] = str(os.getpid())
+    try:  # bound here rather than passed to launch(): ddp_spawn's launcher rejects frozen dataclasses in arguments
+        outcome = fabric.launch(partial(_call_then_leave_process_group, function, args))
+    finally:
+        del os.environ[LAUNCHER_ENV]
+    if isinstance(outcome, _Stopped):  # raised again here: under ddp_spawn, this is the launching process
+        raise outcome.exception()
+    return outcome
+
+
+class _Stopped:
+    """How a run stopped early, as a value that ddp_spawn's workers can hand back to the launching process."""
+
+    def __init__(self, signum: int = 0, problems: tuple[str, ...] = (), exit_code: int = 2) -> None:
+        self.signum, self.problems, self.exit_code = signum, problems, exit_code
+
+    def exception(self) -> Exception:
+        if self.signum:
+            return Preempted(self.signum)
+        err = UsageError(*self.problems)
+        err.exit_code = self.exit_code
+        return err
 
 
 def _call_then_leave_process_group(function: Callable, args: tuple, fabric: Fabric) -> Any:
     try:
         return function(fabric, *args)
+    except Preempted as stopped:
+        return _Stopped(signum=stopped.signum)
+    except UsageError as err:
+        return _Stopped(problems=tuple(err.problems), exit_code=err.exit_code)
     finally:
         if torch.distributed.is_initialized():  # a process that exits with the group still up may abort (gloo)
             torch.distributed.destroy_process_group()
@@ -218,6 +251,19 @@ def create_run_dir(fabric: Fabric, cfg: TrainConfig, step: int, lr_schedule: dic
     return Path(run_dir)
 
 
+def set_aside_damaged(fabric: Fabric, run_dir: Path, damaged: list[Path]) -> None:
+    """Once this process owns the run: move the checkpoints that a resume could not load into
+    checkpoints/damaged/, kept but out of the rotation (ranked by step, they would count as the newest)."""
+    problem = None
+    if fabric.global_rank == 0:
+        problem = lock_run_dir(run_dir)
+        for path in set_aside(damaged) if problem is None else []:
+            print(f"warning: moved a checkpoint that does not load out of the rotation, to {path}", file=sys.stderr)
+    problem = fabric.broadcast(problem, src=0)
+    if problem:
+        raise UsageError(problem)
+
+
 def _record_resume(path: Path, step: int, changed: dict[str, tuple[Any, Any]], lr_schedule: dict[str, Any],
                    source: dict[str, str]) -> None:
     """Append {step, time, [from_checkpoint], overrides: {field: [before, after]}, lr_schedule} to resumes.yaml."""
@@ -271,17 +317,19 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def make_loggers(cfg: TrainConfig, run_dir: Path, resume_step: int | None) -> list[Logger]:
+def make_loggers(cfg: TrainConfig, run_dir: Path, resumed_at: tuple[int, bool] | None) -> list[Logger]:
     """Loggers writing under RUN_DIR/logs/<name>/: csv always, and tensorboard and wandb when asked for. A run
-    resumed from `resume_step` continues the same files (dropping what was logged after that step, before the
-    interruption) and the same wandb run."""
+    resumed at (step, whether that step's validation came before the checkpoint) continues the same files,
+    dropping what was logged after the checkpoint and before the interruption, and the same wandb run."""
+    resume_step = None if resumed_at is None else resumed_at[0]
     logs = run_dir / "logs"
     # The CSV log is always kept: it is the run's own record, that curves.png is drawn from. It is written at
     # every log call (once per log interval), so a killed run keeps its log up to the kill.
     loggers: list[Logger] = [
-        ResumableCSVLogger(resume_step, save_dir=logs, name="csv", version="", flush_logs_every_n_steps=1)]
+        ResumableCSVLogger(resumed_at, save_dir=logs, name="csv", version="", flush_logs_every_n_steps=1)]
     if "tensorboard" in cfg.logger_name:
-        purge = {} if resume_step is None else {"purge_step": resume_step + 1}  # TensorBoard drops later events
+        # TensorBoard drops the events after the step (not by tag: a validation at the checkpoint's step may repeat).
+        purge = {} if resume_step is None else {"purge_step": resume_step + 1}
         loggers.append(TensorBoardLogger(root_dir=logs, name="tensorboard", version="", default_hp_metric=False,
                                          **purge))
     if "wandb" in cfg.logger_name:
@@ -296,37 +344,46 @@ def make_loggers(cfg: TrainConfig, run_dir: Path, resume_step: int | None) -> li
 class ResumableCSVLogger(CSVLogger):
     """Lightning's CSVLogger deletes an existing metrics.csv when it starts; a resumed run appends instead."""
 
-    def __init__(self, resume_step: int | None, **kwargs: Any) -> None:
+    def __init__(self, resumed_at: tuple[int, bool] | None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.resume_step = resume_step
+        self.resumed_at = resumed_at
 
     @property
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingCSVWriter(self.log_dir, self.resume_step)
+            self._experiment = _AppendingCSVWriter(self.log_dir, self.resumed_at)
         return self._experiment
 
 
 class _AppendingCSVWriter(ExperimentWriter):
-    def __init__(self, log_dir: str, resume_step: int | None) -> None:
-        self.resume_step = resume_step
+    def __init__(self, log_dir: str, resumed_at: tuple[int, bool] | None) -> None:
+        self.resumed_at = resumed_at
         super().__init__(log_dir)
 
     def _check_log_dir_exists(self) -> None:
-        """Instead of deleting metrics.csv: keep its rows up to the resumed step, and its columns."""
+        """Instead of deleting metrics.csv: keep its rows logged before the checkpoint, and its columns."""
         path = Path(self.metrics_file_path)
-        if self.resume_step is None or not path.is_file():
+        if self.resumed_at is None or not path.is_file():
             return
         with open(path, newline="") as f:
             reader = csv.DictReader(f)
-            rows = [row for row in reader if int(row["step"]) <= self.resume_step]
+            rows = [row for row in reader if self._before_checkpoint(row)]
             self.metrics_keys = list(reader.fieldnames or [])
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=self.metrics_keys)
         writer.writeheader()
         writer.writerows(rows)
         atomic_write_text(path, buffer.getvalue())
+
+    def _before_checkpoint(self, row: dict[str, str | None]) -> bool:
+        """A complete row (a kill or a full disk may have cut the last one short) logged before the checkpoint:
+        at an earlier step, or at its step if it is not a validation the checkpoint came before."""
+        step, validated = self.resumed_at
+        if None in row or None in row.values() or not (row["step"] or "").isdigit():
+            return False
+        validation = any(value for key, value in row.items() if key.startswith("val/"))
+        return int(row["step"]) < step or (int(row["step"]) == step and (validated or not validation))
 
 
 def wandb_run_id(run_dir: Path) -> str:

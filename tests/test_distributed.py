@@ -7,10 +7,14 @@ their gradients, accumulation splits a batch) changes the weights by ~1e-15 per 
 float32 reaches after a hundred steps, differently on different CPUs."""
 
 import csv
+import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -202,3 +206,54 @@ def test_cpu_precisions(fork, tmp_path, precision, dtype):
     weights = torch.load(final(run_dir), weights_only=True)["model"]
     assert {w.dtype for w in weights.values()} == {dtype}
     assert all(w.isfinite().all() for w in weights.values())
+
+
+# Slow storage: every checkpoint file takes 7 s to flush, longer than the 5 s between the checks of Fabric's
+# launcher, which ends every process as soon as one exits with a non-zero code.
+SLOW_PUBLISH = textwrap.dedent("""
+    import os, sys, time
+    sys.path.insert(0, os.getcwd())
+    import checkpoints, train
+    flush = checkpoints._fsync
+    def slow_fsync(path):
+        if path.is_file():
+            time.sleep(7)
+        flush(path)
+    checkpoints._fsync = slow_fsync
+    if __name__ == "__main__":  # ddp_spawn's workers import this file, and get the slow storage too
+        train.cli(sys.argv[1:])
+""")
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_a_stop_signal_on_two_processes_ends_only_once_the_announced_checkpoint_is_on_disk(fork, tmp_path, strategy):
+    from test_resume import wait_for_step
+
+    runner = fork.path / "slow_publish.py"
+    runner.write_text(SLOW_PUBLISH)
+    root = tmp_path / "runs"
+    proc = subprocess.Popen([sys.executable, str(runner), "--root_dir", str(root), "--epochs", "40", "--num_samples",
+                             "20000", "--log_interval", "1", "--accelerator", "cpu", "--devices", "2", "--strategy",
+                             strategy], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=fork.path)
+    wait_for_step(root, 3, proc)
+    if strategy == "ddp_spawn":  # to one worker: the launching process does not train
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        os.kill(int(workers[-1]), signal.SIGTERM)
+    else:  # to rank 0, the launching process; rank 1 learns of it at the next step
+        proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
+    said = re.search(r"Stopped by SIGTERM at step (\d+): (\S+) saved", out)
+    assert said and out.count("Stopped by SIGTERM") == 1, out
+    saved = torch.load(said.group(2), weights_only=True)  # announced, then on disk: the run never exited before
+    assert saved["global_step"] == int(said.group(1))
+    assert not list(Path(said.group(2)).parent.glob(".*.tmp"))
+
+
+def test_a_usage_error_on_two_processes_is_one_line(fork, tmp_path):
+    for strategy in ["ddp", "ddp_spawn"]:  # raised on every rank, after the launch
+        result = fork.run("train.py", "--root_dir", str(tmp_path), "--fast_run", "--monitor", "val/acc",
+                          "--accelerator", "cpu", "--devices", "2", "--strategy", strategy)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert errors == ["error: --monitor 'val/acc' is not one of: val/loss, val/mae, val/mse"], result.stderr

@@ -80,6 +80,16 @@ CRASH_RUNNER = textwrap.dedent("""
         crash_on_call(checkpoints.os, "replace", n)
     elif when == "before_prune":
         crash_on_call(checkpoints, "prune_checkpoints", n)
+    elif when == "between_best_and_periodic":  # best.ckpt is in place, the epoch's step-N not yet
+        original_publish, seen = checkpoints.publish, {"last": "", "n": 0}
+        def publish(tmp, path):
+            if path.name.startswith("step-") and seen["last"] == "best.ckpt":
+                seen["n"] += 1
+                if seen["n"] == n:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            seen["last"] = path.name
+            return original_publish(tmp, path)
+        checkpoints.publish = publish
     elif when == "sigterm_in_validation":  # evaluate's calls: the first batch's check, then each epoch's
         crash_on_call(train, "evaluate", n, signum=signal.SIGTERM)
     elif when == "move_into_place":  # how Fabric's own atomic save put a file written in $TMPDIR into place
@@ -167,10 +177,10 @@ def test_stop_signal_saves_exits_with_documented_code_and_resumes_bitwise(fork, 
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == exit_code, err
     run_dir = only_run_dir(root)
-    assert f"Stopped by {signal.Signals(signum).name}: checkpoint saved. Continue with: python train.py " \
-           f"--resume {run_dir}" in out
     newest = sorted((run_dir / "checkpoints").glob("step-*.ckpt"))[-1]
     saved_step = torch.load(newest, weights_only=True)["global_step"]
+    assert f"Stopped by {signal.Signals(signum).name} at step {saved_step}: {newest} saved. Continue with: " \
+           f"python train.py --resume {run_dir}" in out
     assert saved_step >= steps_per_epoch(slow_reference) + 4 and not (run_dir / "checkpoints" / "final.ckpt").exists()
 
     resumed = fork.call("train.py", "--resume", str(run_dir))
@@ -249,20 +259,32 @@ def test_a_checkpoint_carrying_a_malicious_pickle_is_refused_not_run(fork, tmp_p
     assert torch.load(run_dir / "checkpoints" / "final.ckpt", weights_only=True)["epoch"] == 3
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(fork, tmp_path):
+@pytest.mark.parametrize("grad_clip", ["0", "1.0"])  # 1.0 is the default: clipping must not turn it into a crash
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(fork, tmp_path, grad_clip):
     root = tmp_path / "runs"
     # SGD at a huge learning rate, warmed up over 2 epochs: the loss explodes after a few steps.
     result = fork.call("train.py", "--root_dir", str(root), "--optimizer", "sgd", "--lr", "1e4", "--warmup", "2",
-                       "--grad_clip", "0", "--epochs", "3", "--checkpoint_every_n_steps", "1", "--log_interval", "1")
+                       "--grad_clip", grad_clip, "--epochs", "3", "--checkpoint_every_n_steps", "1",
+                       "--log_interval", "1")
     assert result.returncode == 3 and "Traceback" not in result.stderr
     last_line = result.stderr.strip().splitlines()[-1]
     match = re.fullmatch(r"error: the (training loss is (nan|inf)|weights are not finite) at step (\d+).*", last_line)
-    assert match and "the newest checkpoint holds the last finite weights" in last_line, last_line
-    checkpoints = list((only_run_dir(root) / "checkpoints").glob("step-*.ckpt"))
+    checkpoints = sorted((only_run_dir(root) / "checkpoints").glob("step-*.ckpt"))
     assert checkpoints, "the run should have saved good checkpoints before diverging"
+    assert match and last_line.endswith(f"stopped without saving; resume with a lower --lr or a --grad_clip: it "
+                                        f"continues from {checkpoints[-1].name}, the last finite weights"), last_line
     for ckpt in checkpoints:  # every checkpoint written holds finite weights, from before the failure
         assert all(t.isfinite().all() for t in model_weights(ckpt).values()), ckpt.name
         assert torch.load(ckpt, weights_only=True)["global_step"] < int(match.group(3))
+
+
+def test_a_loss_that_is_non_finite_before_any_checkpoint_promises_none(fork, tmp_path):
+    result = fork.call("train.py", "--root_dir", str(tmp_path), "--optimizer", "sgd", "--lr", "1e4", "--warmup", "0",
+                       "--grad_clip", "0", "--epochs", "3", "--log_interval", "1")  # diverges before epoch 1 ends
+    assert result.returncode == 3 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "stopped without saving; no checkpoint was saved before it: start again with a lower --lr or a --grad_clip")
+    assert not list((only_run_dir(tmp_path) / "checkpoints").glob("*.ckpt"))
 
 
 def test_resume_auto_without_a_run_or_after_a_finished_one_starts_a_new_run(fork, tmp_path):
@@ -339,8 +361,9 @@ def test_sigterm_during_the_last_validation_then_resume_finishes_the_run_once(fo
                               "--epochs", "2"], capture_output=True, text=True, cwd=fork.path, timeout=300)
     assert stopped.returncode == 143, stopped.stderr
     run_dir = only_run_dir(root)
-    assert f"Stopped by SIGTERM: checkpoint saved. Continue with: python train.py --resume {run_dir}" in stopped.stdout
     last = max((run_dir / "checkpoints").glob("step-*.ckpt"))
+    assert f"Stopped by SIGTERM at step {last.stem[5:].lstrip('0')}: {last} saved. Continue with: python train.py " \
+           f"--resume {run_dir}" in stopped.stdout
     assert torch.load(last, weights_only=True)["epoch"] == 2  # the last epoch's checkpoint, after its validation
     assert not (run_dir / "checkpoints" / "final.ckpt").exists() and not (run_dir / "curves.png").exists()
 
@@ -352,3 +375,61 @@ def test_sigterm_during_the_last_validation_then_resume_finishes_the_run_once(fo
     assert "best val/mae" in finished.stdout
     again = fork.call("train.py", "--root_dir", str(root), "--resume", "auto")  # a requeued job moves on
     assert f"(the newest: {run_dir}): starting a new run" in again.stdout and len(list(root.iterdir())) == 2
+
+
+def crash(fork, when: str, n: int, *args: str) -> subprocess.CompletedProcess:
+    runner = fork.path / "crash_runner.py"
+    runner.write_text(CRASH_RUNNER)
+    return subprocess.run([sys.executable, str(runner), when, str(n), *args], capture_output=True, text=True,
+                          cwd=fork.path, timeout=300)
+
+
+def test_an_extension_killed_midway_resumes_from_its_own_newest_checkpoint_not_the_old_final(fork, tmp_path):
+    import shutil
+
+    done = fork.train(tmp_path / "a", *ARGS, "--epochs", "2")
+    copy = tmp_path / "b" / done.name
+    shutil.copytree(done, copy)
+    final_step = torch.load(done / "checkpoints" / "final.ckpt", weights_only=True)["global_step"]
+    assert fork.call("train.py", "--resume", str(done), "--epochs", "4").returncode == 0  # the uninterrupted one
+
+    killed = crash(fork, "before_prune", 3, "--resume", str(copy), "--epochs", "4")  # its 3rd save is on disk
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    newest = max((copy / "checkpoints").glob("step-*.ckpt"))
+    assert int(newest.stem.split("-")[1]) > final_step  # newer than the old final.ckpt, which is still there
+    resumed = fork.call("train.py", "--root_dir", str(tmp_path / "b"), "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming the newest unfinished run {copy}" in resumed.stdout
+    assert f"Resuming from {newest}: " in resumed.stdout  # not from final.ckpt at step {final_step}
+    assert_same_run(copy, done)
+
+
+def test_checkpoints_that_do_not_load_are_set_aside_and_never_make_rotation_delete_good_ones(fork, tmp_path):
+    run_dir = fork.train(tmp_path, *ARGS, "--epochs", "2")
+    ckpt_dir = run_dir / "checkpoints"
+    junk = {f"step-9999999{i}.ckpt": f"junk {i}".encode() for i in range(3)}  # newer by name than any real one
+    for name, content in junk.items():
+        (ckpt_dir / name).write_bytes(content)
+    resumed = fork.call("train.py", "--resume", str(run_dir), "--epochs", "3")
+    assert resumed.returncode == 0, resumed.stderr
+    for name, content in junk.items():
+        assert f"warning: moved a checkpoint that does not load out of the rotation, to {ckpt_dir / 'damaged' / name}" \
+            in resumed.stderr
+        assert (ckpt_dir / "damaged" / name).read_bytes() == content  # kept as it was
+    kept = sorted(ckpt_dir.glob("step-*.ckpt"))
+    assert len(kept) == 3 and all(torch.load(p, weights_only=True)["epoch"] >= 2 for p in kept)  # the newest three
+    assert max(kept).name == f"step-{torch.load(ckpt_dir / 'final.ckpt', weights_only=True)['global_step']:08d}.ckpt"
+    again = fork.call("train.py", "--resume", str(run_dir), "--epochs", "4")
+    assert again.returncode == 0 and "warning" not in again.stderr, again.stderr
+
+
+def test_a_kill_between_best_ckpt_and_its_epoch_checkpoint_leaves_best_ckpt_right(fork, tmp_path, reference):
+    killed = crash(fork, "between_best_and_periodic", 2, "--root_dir", str(tmp_path), *ARGS)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run_dir = only_run_dir(tmp_path)
+    resumed = fork.call("train.py", "--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr
+    best = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
+    assert f"best val/mae {best['best']['value']:.4f} at epoch {best['epoch']}" in resumed.stdout
+    assert bitwise_equal(run_dir / "checkpoints" / "best.ckpt", reference / "checkpoints" / "best.ckpt")
+    assert_same_run(run_dir, reference)
