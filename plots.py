@@ -12,10 +12,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """{metric: [(step, value), ...]} from RUN_DIR/logs/csv/metrics.csv, which every run keeps."""
+    """{metric: [(step, value), ...]} from RUN_DIR/logs/csv/metrics.csv, which every run keeps. A row cut short (a
+    kill or a full disk in the middle of writing it) is left out."""
     series: dict[str, list[tuple[int, float]]] = {}
     with open(run_dir / "logs" / "csv" / "metrics.csv", newline="") as f:
         for row in csv.DictReader(f):
+            if None in row or None in row.values() or not (row["step"] or "").isdigit():
+                continue
             for key, value in row.items():
                 if key != "step" and value not in ("", None):
                     series.setdefault(key, []).append((int(row["step"]), float(value)))

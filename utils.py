@@ -327,6 +327,8 @@ def make_loggers(cfg: TrainConfig, run_dir: Path, resumed_at: tuple[int, bool] |
     # every log call (once per log interval), so a killed run keeps its log up to the kill.
     loggers: list[Logger] = [
         ResumableCSVLogger(resumed_at, save_dir=logs, name="csv", version="", flush_logs_every_n_steps=1)]
+    if resumed_at is not None:
+        loggers[0].experiment  # cut the log at the checkpoint now, even if the run has nothing left to log
     if "tensorboard" in cfg.logger_name:
         # TensorBoard drops the events after the step (not by tag: a validation at the checkpoint's step may repeat).
         purge = {} if resume_step is None else {"purge_step": resume_step + 1}

@@ -78,6 +78,8 @@ CRASH_RUNNER = textwrap.dedent("""
         crash_on_call(lightning.fabric.Fabric, "save", n, before=half_written)
     elif when == "before_rename":
         crash_on_call(checkpoints.os, "replace", n)
+    elif when == "before_save":
+        crash_on_call(checkpoints, "save_checkpoint", n)
     elif when == "before_prune":
         crash_on_call(checkpoints, "prune_checkpoints", n)
     elif when == "between_best_and_periodic":  # best.ckpt is in place, the epoch's step-N not yet
@@ -432,4 +434,29 @@ def test_a_kill_between_best_ckpt_and_its_epoch_checkpoint_leaves_best_ckpt_righ
     best = torch.load(run_dir / "checkpoints" / "best.ckpt", weights_only=True)
     assert f"best val/mae {best['best']['value']:.4f} at epoch {best['epoch']}" in resumed.stdout
     assert bitwise_equal(run_dir / "checkpoints" / "best.ckpt", reference / "checkpoints" / "best.ckpt")
+    assert_same_run(run_dir, reference)
+
+
+def test_a_kill_after_a_validation_logged_at_a_mid_epoch_checkpoint_step_logs_it_once(fork, tmp_path):
+    args = ["--epochs", "2", "--checkpoint_every_n_steps", "4", "--log_interval", "2"]
+    reference = fork.train(tmp_path / "reference", *args)
+    per_epoch = steps_per_epoch(reference)
+    assert per_epoch % 4 == 0  # the last step of epoch 1 has a mid-epoch checkpoint, then the validation
+    # Saves: step 4, the mid-epoch one at the epoch's last step, then the epoch's own, which the kill prevents.
+    killed = crash(fork, "before_save", per_epoch // 4 + 1, "--root_dir", str(tmp_path / "runs"), *args)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run_dir = only_run_dir(tmp_path / "runs")
+    assert [r["step"] for r in logged_values(run_dir) if r["val/loss"]] == [str(per_epoch)]  # logged, not saved
+    assert fork.call("train.py", "--resume", str(run_dir)).returncode == 0
+    assert_same_run(run_dir, reference)  # that validation once, as in the run that was never killed
+
+
+def test_a_cut_off_last_row_of_the_csv_log_does_not_stop_a_resume(fork, tmp_path, reference):
+    run_dir = fork.train(tmp_path, *ARGS)
+    (run_dir / "checkpoints" / "final.ckpt").unlink()  # as if killed at the end, in the middle of writing a row
+    *_, resume_from = sorted((run_dir / "checkpoints").glob("step-*.ckpt"))
+    log = run_dir / "logs" / "csv" / "metrics.csv"
+    log.write_text(log.read_text() + "4,0.00")
+    resumed = fork.call("train.py", "--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr
     assert_same_run(run_dir, reference)
