@@ -13,6 +13,7 @@ import shutil
 import sys
 import time
 import warnings
+import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -219,8 +220,11 @@ def set_aside(damaged: list[Path]) -> list[Path]:
 
 
 def load_checkpoint(fabric: Fabric, path: Path, state: dict[str, Any]) -> None:
-    """Restore every key of `state` from `path`, loaded with weights_only=True (a file that carries
-    arbitrary pickled code is refused, not run), and this rank's RNG states."""
+    """Restore every key of `state` from `path`, and this rank's RNG states. The file is verified first: every
+    member of its zip archive against its CRC-32 (a flipped bit is found, not trained on); then it is loaded with
+    weights_only=True (a file that carries arbitrary pickled code is refused, not run)."""
+    if not path.is_dir():  # a sharded checkpoint is a directory of files that carry no checksums
+        verify(path)
     try:
         with warnings.catch_warnings():  # a foreign file's pickle protocol is not worth a warning before our error
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -233,6 +237,21 @@ def load_checkpoint(fabric: Fabric, path: Path, state: dict[str, Any]) -> None:
         raise UsageError(f"cannot load checkpoint {path}: {reason[:300]}") from None
     if "rng" in remainder:
         restore_rng_states(remainder["rng"], fabric.global_rank)
+
+
+def verify(path: Path) -> None:
+    """Raise a UsageError that says why, unless `path` is a complete zip archive whose members match their CRCs."""
+    if not path.is_file():  # a device (/dev/zero), a broken link, a folder
+        raise UsageError(f"cannot load checkpoint {path}: not a regular file")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        size = path.stat().st_size
+        raise UsageError(f"cannot load checkpoint {path}: not a complete checkpoint file ({size:,} bytes: "
+                         f"{err or 'unreadable'}); torch.save writes a zip archive") from None
+    if damaged:
+        raise UsageError(f"cannot load checkpoint {path}: it is damaged ({damaged} does not match its CRC-32 checksum)")
 
 
 # ------------------------------------------------------------------------------------------------------ RNG

@@ -8,6 +8,20 @@ import pytest
 import torch
 
 
+def flip_a_bit(checkpoint: Path, to: Path) -> None:
+    """A copy of `checkpoint` with one bit flipped in the middle of its largest tensor's bytes."""
+    import zipfile
+
+    data = bytearray(checkpoint.read_bytes())
+    with zipfile.ZipFile(checkpoint) as archive:
+        member = max(archive.infolist(), key=lambda info: info.file_size)
+    header = member.header_offset
+    start = header + 30 + int.from_bytes(data[header + 26:header + 28], "little") + int.from_bytes(
+        data[header + 28:header + 30], "little")  # past the local header, its file name and extra field
+    data[start + member.file_size // 2] ^= 0x10
+    to.write_bytes(bytes(data))
+
+
 @pytest.fixture(scope="module")
 def world(fork, tmp_path_factory) -> Path:
     """A root with a finished run, a copy with a hand-edited config, a copy whose checkpoints are all
@@ -25,6 +39,9 @@ def world(fork, tmp_path_factory) -> Path:
     (root / "unknown_flat_key.yaml").write_text("epochs: 2\nepochz: 3\nlrr: 0.1\n")
     (root / "malformed.yaml").write_text("optim: [unclosed\n")
     (root / "notes.txt").write_text("not a checkpoint")
+    (root / "empty.ckpt").write_bytes(b"")
+    (root / "zeros.ckpt").symlink_to("/dev/zero")
+    flip_a_bit(next((run / "checkpoints").glob("step-*.ckpt")), root / "flipped.ckpt")
     torch.save({"model": {"weight": torch.zeros(3)}, "epoch": 0, "global_step": 0}, root / "other_model.ckpt")
     return root
 
@@ -87,7 +104,14 @@ CASES = [
     ("test: checkpoint nowhere", "test", ["--out_dir", "{run}", "--checkpoint", "{world}/nope.ckpt"],
      "--checkpoint '{world}/nope.ckpt': no checkpoint at"),
     ("test: not a checkpoint", "test", ["--out_dir", "{run}", "--checkpoint", "{world}/notes.txt"],
-     "cannot load checkpoint {world}/notes.txt"),
+     "cannot load checkpoint {world}/notes.txt: not a complete checkpoint file (16 bytes: File is not a zip file); "
+     "torch.save writes a zip archive"),
+    ("test: an empty file", "test", ["--out_dir", "{run}", "--checkpoint", "{world}/empty.ckpt"],
+     "cannot load checkpoint {world}/empty.ckpt: not a complete checkpoint file (0 bytes: File is not a zip file)"),
+    ("test: a link to a device", "test", ["--out_dir", "{run}", "--checkpoint", "{world}/zeros.ckpt"],
+     "--checkpoint '{world}/zeros.ckpt': no checkpoint at {world}/zeros.ckpt"),
+    ("test: one flipped bit", "test", ["--out_dir", "{run}", "--checkpoint", "{world}/flipped.ckpt"],
+     "cannot load checkpoint {world}/flipped.ckpt: it is damaged ("),
     ("test: truncated checkpoint", "test", ["--out_dir", "{world}/runs/broken", "--checkpoint", "final"],
      "cannot load checkpoint {world}/runs/broken/checkpoints/final.ckpt"),
     ("test: another model's checkpoint", "test", ["--out_dir", "{run}", "--checkpoint", "{world}/other_model.ckpt"],

@@ -3,7 +3,6 @@ equal to the run that was never interrupted, with logs that read as one run. (Ge
 
 import csv
 import os
-import pickle
 import re
 import signal
 import subprocess
@@ -248,7 +247,7 @@ def test_a_checkpoint_carrying_a_malicious_pickle_is_refused_not_run(fork, tmp_p
     exploit = _Exploit()
     exploit.marker = marker
     evil = run_dir / "checkpoints" / "step-99999999.ckpt"  # the newest, so resume tries it first
-    evil.write_bytes(pickle.dumps({"model": exploit}))
+    torch.save({"model": exploit}, evil)  # a complete, undamaged file: only its content is malicious
     (run_dir / "checkpoints" / "final.ckpt").unlink()
 
     result = fork.run("test.py", "--out_dir", str(run_dir), "--checkpoint", str(evil))
@@ -459,4 +458,20 @@ def test_a_cut_off_last_row_of_the_csv_log_does_not_stop_a_resume(fork, tmp_path
     log.write_text(log.read_text() + "4,0.00")
     resumed = fork.call("train.py", "--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(run_dir, reference)
+
+
+def test_a_checkpoint_with_one_flipped_bit_is_found_by_its_checksum_and_skipped(fork, tmp_path, reference):
+    from test_bad_inputs import flip_a_bit
+
+    run_dir = fork.train(tmp_path, *ARGS)
+    (run_dir / "checkpoints" / "final.ckpt").unlink()  # as if killed just before the end
+    *_, previous, newest = sorted((run_dir / "checkpoints").glob("step-*.ckpt"))
+    flip_a_bit(newest, newest)
+    resumed = fork.call("train.py", "--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"warning: skipping an unloadable checkpoint: cannot load checkpoint {newest}: it is damaged (" \
+           in resumed.stderr and "does not match its CRC-32 checksum)" in resumed.stderr
+    assert f"Resuming from {previous}: " in resumed.stdout
+    assert (run_dir / "checkpoints" / "damaged" / newest.name).is_file()
     assert_same_run(run_dir, reference)
