@@ -159,7 +159,7 @@ def _fsync(path: Path) -> None:
 
 
 def remove_checkpoint(path: Path) -> None:
-    if path.is_dir():
+    if path.is_dir() and not path.is_symlink():  # a link is removed, never what it points to
         shutil.rmtree(path)
     else:
         path.unlink()

@@ -33,9 +33,10 @@ STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp", "deepspeed", "dp")
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "transformer-engine")
 CHECKPOINT_CHOICES = ("best", "last", "final")
 
-# Fields that a `--resume` may not change: the checkpoint or the data split would no longer fit the run. The task's
+# Fields that a `--resume` may not change: the checkpoint or the data split would no longer fit the run (and
+# --fast_run would turn a real run into a finished smoke test). The task's
 # groups name theirs in a RESUME_LOCKED class attribute (DataConfig: dataset; ArchConfig: model).
-RESUME_LOCKED = ("seed", "optim.optimizer", "optim.eff_batch_size",
+RESUME_LOCKED = ("seed", "fast_run", "optim.optimizer", "optim.eff_batch_size",
                  *(f"data.{name}" for name in getattr(DataConfig, "RESUME_LOCKED", ())),
                  *(f"arch.{name}" for name in getattr(ArchConfig, "RESUME_LOCKED", ())))
 MONITOR_MODES = ("auto", "min", "max")
@@ -283,24 +284,28 @@ class _Parser(simple_parsing.ArgumentParser):
 
 
 def _parse(config_class: type, argv: Optional[Sequence[str]], defaults_file: Optional[Path] = None) -> Any:
-    """Parse `argv` into `config_class`. Values from `defaults_file`, or from --config_path, replace the
-    defaults; flags on the command line override both."""
+    """Parse `argv` into `config_class`. Values from `defaults_file` (a resumed run's config.yaml), then from
+    --config_path, replace the defaults; flags on the command line override all of them."""
     parser = _Parser(description=config_class.__doc__, epilog=registries() if config_class is TrainConfig else None)
     parser.add_arguments(config_class, dest="cfg")
     parser.add_argument("--debug", action="store_true", help="On an error, show the full traceback.")
-    config_path = defaults_file
+    files = [defaults_file] if defaults_file else []
     if config_class is TrainConfig:
         parser.add_argument("--config_path", type=Path, help="YAML file of config values (the layout of a run's "
                             "config.yaml, or flat: epochs: 5); flags on the command line override it.")
         pre_parser = argparse.ArgumentParser(add_help=False)
         pre_parser.add_argument("--config_path", type=Path)
-        config_path = config_path or pre_parser.parse_known_args(argv)[0].config_path
+        files += [path] if (path := pre_parser.parse_known_args(argv)[0].config_path) else []
+    values: dict[str, Any] = {}
+    for path in files:  # the later file wins, field by field
+        for key, value in _nested(_read_yaml(path), config_class, path).items():
+            values[key] = {**values.get(key, {}), **value} if isinstance(value, dict) else value
     try:
-        if config_path is not None:
-            parser.set_defaults(cfg=_nested(_read_yaml(config_path), config_class, config_path))
+        if values:
+            parser.set_defaults(cfg=values)
         return parser.parse_args(argv).cfg
-    except RuntimeError as err:  # keys in the file that are not config fields
-        raise UsageError(f"config file {config_path}: {' '.join(str(err).split())}") from None
+    except RuntimeError as err:  # keys in a file that are not config fields
+        raise UsageError(f"config file {files[-1]}: {' '.join(str(err).split())}") from None
 
 
 def _read_yaml(path: Path) -> dict:
@@ -384,10 +389,9 @@ _type_names = {int: "integer", str: "string", bool: "boolean (true or false)"}
 
 def parse_train_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     """Resolve the training config: defaults < --config_path < flags. With --resume RUN_DIR, the run's
-    saved config.yaml takes the place of the defaults, and flags may override it where that is safe."""
+    saved config.yaml takes the place of the defaults, and the file and flags may override it where that is safe
+    (a requeued job repeats its command line: `--config_path exp.yaml --resume auto` then changes nothing)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if _given(argv, "--resume") and _given(argv, "--config_path"):
-        raise UsageError("--config_path cannot be combined with --resume, which uses the run's config.yaml")
     cfg = _parse(TrainConfig, argv)
     if cfg.resume == "auto":
         run_dir = _auto_resume_dir(cfg)

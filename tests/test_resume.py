@@ -475,3 +475,27 @@ def test_a_checkpoint_with_one_flipped_bit_is_found_by_its_checksum_and_skipped(
     assert f"Resuming from {previous}: " in resumed.stdout
     assert (run_dir / "checkpoints" / "damaged" / newest.name).is_file()
     assert_same_run(run_dir, reference)
+
+
+def test_a_requeued_command_line_with_a_config_file_and_resume_auto_resumes_with_the_same_config(fork, tmp_path):
+    config = tmp_path / "exp.yaml"
+    config.write_text("epochs: 2\nlog_interval: 3\n")
+    command = ["--root_dir", str(tmp_path / "runs"), "--config_path", str(config), "--resume", "auto"]
+    first = fork.call("train.py", *command)
+    assert first.returncode == 0 and "starting a new run" in first.stdout, first.stderr
+    run_dir = only_run_dir(tmp_path / "runs")
+    (run_dir / "checkpoints" / "final.ckpt").unlink()  # as if preempted at the end
+    (run_dir / "checkpoints" / ".step-00000001.ckpt.123.tmp").symlink_to(tmp_path)  # and a stray link: removed
+    again = fork.call("train.py", *command)  # the same command line, as a requeued job runs it
+    assert again.returncode == 0, again.stderr
+    assert f"resuming the newest unfinished run {run_dir}" in again.stdout
+    assert not (run_dir / "resumes.yaml").exists()  # the file says what config.yaml says: nothing was overridden
+    assert tmp_path.is_dir() and not list((run_dir / "checkpoints").glob(".*.tmp"))
+
+
+def test_fast_run_cannot_turn_a_resumed_real_run_into_a_smoke_test(fork, tmp_path):
+    run_dir = fork.train(tmp_path, "--epochs", "2")
+    result = fork.call("train.py", "--resume", str(run_dir), "--fast_run")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (f"error: --resume cannot change --fast_run False -> True: the checkpoint would "
+                                     "not fit. Start a new run instead")
