@@ -4,6 +4,7 @@ weights_only=True, with every rank's RNG states so that a resumed run continues 
 Machinery: nothing here knows what the model or the task is; `state` is train.py's dict of what to save.
 """
 
+import errno
 import math
 import os
 import pickle
@@ -35,7 +36,12 @@ class DirectCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(checkpoint, path)
+        try:
+            torch.save(checkpoint, path)
+        except RuntimeError as err:  # torch's writer reports a failed write (a full disk) as a RuntimeError
+            Path(path).unlink(missing_ok=True)  # the space it took, back
+            raise OSError(errno.EIO, f"could not write the checkpoint ({' '.join(str(err).split())[:200]})",
+                          str(path)) from None
 
 
 def periodic_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -94,6 +100,8 @@ def save_checkpoint(fabric: Fabric, state: dict[str, Any], *paths: Path, keep: i
     """
     if not paths:
         return
+    while _publishing and _publishing[0].done():  # a publish that failed (a full disk) stops the run now
+        _publishing.pop(0).result()
     # Periodic names last: a resume continues from the newest of those, so a crash between the renames redoes
     # the epoch and with it best.ckpt, rather than skipping a best.ckpt that was never put in place.
     paths = tuple(sorted(paths, key=lambda p: bool(PERIODIC_CHECKPOINT.match(p.name))))

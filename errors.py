@@ -31,12 +31,28 @@ class NonFiniteLoss(UsageError):
         super().__init__(f"{problem}; stopped without saving; {advice}")
 
 
+class FilesystemError(UsageError):
+    """The filesystem refused (disk full, read-only, a path that is a file): exit code 4."""
+
+    exit_code = 4
+
+    @classmethod
+    def of(cls, err: OSError) -> "FilesystemError":
+        where = " -> ".join(str(path) for path in (err.filename, err.filename2) if path)
+        return cls(f"{err.strerror or err}{': ' + where if where else ''}")
+
+
 @contextlib.contextmanager
 def exit_on_usage_error() -> Iterator[None]:
-    """Turn a UsageError into one `error:` line per problem on stderr and its exit code (2, or 3 for a
-    non-finite loss); `--debug` shows the traceback instead."""
+    """Turn a UsageError into one `error:` line per problem on stderr and its exit code (2, 3 for a non-finite
+    loss, 4 when the filesystem refused); `--debug` shows the traceback instead."""
     try:
-        yield
+        try:
+            yield
+        except OSError as err:
+            if "--debug" in sys.argv:
+                raise
+            raise FilesystemError.of(err) from None
     except UsageError as err:
         if "--debug" in sys.argv:
             raise

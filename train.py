@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from lightning.fabric import Fabric
+from lightning.fabric import Fabric, seed_everything
 from lightning.fabric.utilities.throughput import ThroughputMonitor
 from torchmetrics import MeanMetric, MetricCollection, SumMetric
 
@@ -48,9 +48,11 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
     # Our samplers already shard the data; Fabric only moves batches to the device.
     train_loader, val_loader = fabric.setup_dataloaders(train_loader, val_loader, use_distributed_sampler=False)
 
-    fabric.seed_everything(cfg.seed)
+    fabric.seed_everything(cfg.seed)  # the same initial weights on every rank
     with fabric.rank_zero_first(local=True), fabric.init_module():  # --pretrained weights: one download per node
         model = build_model(cfg.arch, info)
+    if fabric.global_rank > 0:  # from here on, each rank its own random stream (dropout masks, augmentation)
+        seed_everything(cfg.seed + fabric.global_rank, verbose=False)
     if cfg.hardware.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if fabric.device.type == "cuda":

@@ -4,6 +4,7 @@ Nothing here knows the task: what a batch holds, the loss and the metrics live i
 """
 
 import csv
+import errno
 import fcntl
 import io
 import os
@@ -34,7 +35,7 @@ from tqdm import tqdm
 
 from checkpoints import DirectCheckpointIO, checkpoint_step, clean_up_after_crash, set_aside, wait_for_checkpoints
 from config import TrainConfig, load_train_config, overrides, resumed_run, to_yaml
-from errors import LAUNCHER_ENV, UsageError
+from errors import LAUNCHER_ENV, FilesystemError, UsageError
 
 
 class Preempted(Exception):
@@ -224,31 +225,42 @@ def create_run_dir(fabric: Fabric, cfg: TrainConfig, step: int, lr_schedule: dic
     """
     run_dir, problem = None, None
     if fabric.global_rank == 0:
-        branch = bool(cfg.resume) and Path(cfg.resume).is_file()  # resumed from a chosen checkpoint file
-        run_dir = Path(cfg.resume) if cfg.resume and not branch else _new_run_dir(Path(cfg.root_dir), cfg.out_dir)
-        problem = lock_run_dir(run_dir)
-        if problem is None:
-            # The saved config describes the run; how this process was launched (--resume) is not part of it.
-            config_path, ran = run_dir / "config.yaml", replace(cfg, resume="")
-            if cfg.resume:
-                source = resumed_run(cfg.resume)
-                if branch:
-                    if (source / "logs").is_dir():
-                        shutil.copytree(source / "logs", run_dir / "logs", ignore=shutil.ignore_patterns("wandb"))
-                    if (source / "resumes.yaml").is_file():
-                        shutil.copy2(source / "resumes.yaml", run_dir / "resumes.yaml")
-                else:
-                    clean_up_after_crash(run_dir / "checkpoints")
-                changed = overrides(load_train_config(source / "config.yaml"), ran)
-                if changed or branch:
-                    _record_resume(run_dir / "resumes.yaml", step, changed, lr_schedule,
-                                   {"from_checkpoint": str(Path(cfg.resume).resolve())} if branch else {})
-            if not config_path.exists() or config_path.read_text() != to_yaml(ran):
-                atomic_write_text(config_path, to_yaml(ran))
+        try:
+            run_dir, problem = _prepare_run_dir(cfg, step, lr_schedule)
+            problem = problem and UsageError(problem)
+        except OSError as err:  # the filesystem refused: every rank stops with the same line and exit code
+            problem = FilesystemError.of(err)
     run_dir, problem = fabric.broadcast((str(run_dir), problem), src=0)
     if problem:
-        raise UsageError(problem)
+        raise problem
     return Path(run_dir)
+
+
+def _prepare_run_dir(cfg: TrainConfig, step: int, lr_schedule: dict[str, Any]) -> tuple[Path, str | None]:
+    """On rank 0, create_run_dir's work: (RUN_DIR, None), or (RUN_DIR, why this process may not write it)."""
+    branch = bool(cfg.resume) and Path(cfg.resume).is_file()  # resumed from a chosen checkpoint file
+    run_dir = Path(cfg.resume) if cfg.resume and not branch else _new_run_dir(Path(cfg.root_dir), cfg.out_dir)
+    problem = lock_run_dir(run_dir)
+    if problem:
+        return run_dir, problem
+    # The saved config describes the run; how this process was launched (--resume) is not part of it.
+    config_path, ran = run_dir / "config.yaml", replace(cfg, resume="")
+    if cfg.resume:
+        source = resumed_run(cfg.resume)
+        if branch:
+            if (source / "logs").is_dir():
+                shutil.copytree(source / "logs", run_dir / "logs", ignore=shutil.ignore_patterns("wandb"))
+            if (source / "resumes.yaml").is_file():
+                shutil.copy2(source / "resumes.yaml", run_dir / "resumes.yaml")
+        else:
+            clean_up_after_crash(run_dir / "checkpoints")
+        changed = overrides(load_train_config(source / "config.yaml"), ran)
+        if changed or branch:
+            _record_resume(run_dir / "resumes.yaml", step, changed, lr_schedule,
+                           {"from_checkpoint": str(Path(cfg.resume).resolve())} if branch else {})
+    if not config_path.exists() or config_path.read_text() != to_yaml(ran):
+        atomic_write_text(config_path, to_yaml(ran))
+    return run_dir, None
 
 
 def set_aside_damaged(fabric: Fabric, run_dir: Path, damaged: list[Path]) -> None:
@@ -297,6 +309,8 @@ def lock_run_dir(run_dir: Path) -> str | None:
 
 
 def _new_run_dir(root_dir: Path, out_dir: str) -> Path:
+    if root_dir.exists() and not root_dir.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "--root_dir is not a directory", str(root_dir))
     root_dir.mkdir(parents=True, exist_ok=True)
     now = time.time()
     while True:

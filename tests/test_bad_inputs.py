@@ -85,6 +85,8 @@ CASES = [
     ("config file unknown flat key", "train", ["--config_path", "{world}/unknown_flat_key.yaml"],
      "config file {world}/unknown_flat_key.yaml: 'epochz', 'lrr' are not config fields (see --help)"),
     ("config file malformed", "train", ["--config_path", "{world}/malformed.yaml"], "is not valid YAML"),
+    ("root dir is a file", "train", ["--root_dir", "{world}/notes.txt"],
+     "--root_dir is not a directory: {world}/notes.txt"),
     ("resume nowhere", "train", ["--resume", "{world}/runs/nope"], "--resume '{world}/runs/nope': no such run"),
     ("resume not a run", "train", ["--resume", "{world}"], "is not a run directory: it has no config.yaml"),
     ("resume a file outside a run", "train", ["--resume", "{world}/other_model.ckpt"],
@@ -125,7 +127,7 @@ def test_bad_input_is_one_clear_line_and_changes_no_file(fork, world, script, ar
 
     fill = {"world": str(world), "run": good_run(world)}
     args = [a.format(**fill) for a in args]
-    if script == "train":
+    if script == "train" and "--root_dir" not in args:
         args = ["--root_dir", str(world / "runs"), *args]
     before = snapshot(world)
     result = fork.call(f"{script}.py", *args)
@@ -183,3 +185,13 @@ def test_a_config_file_value_of_the_wrong_type_is_one_line_wherever_it_is_read(f
         assert result.returncode == 2 and "Traceback" not in result.stderr, (script, args, result.stderr)
         assert result.stderr.strip().splitlines() == [f"error: config file {run / 'config.yaml'}: {expected}"]
     assert snapshot(tmp_path) == before
+
+
+def test_test_py_that_cannot_write_its_report_says_so_in_one_line(fork, world, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(good_run(world), run)
+    (run / "test").write_text("a file where test.py writes its folder")
+    result = fork.call("test.py", "--out_dir", str(run))
+    assert result.returncode == 4 and "Traceback" not in result.stderr, result.stderr
+    assert "Test split of waves" in result.stdout  # the numbers were printed first
+    assert result.stderr.strip().splitlines() == [f"error: File exists: {run / 'test'}"]

@@ -257,3 +257,13 @@ def test_a_usage_error_on_two_processes_is_one_line(fork, tmp_path):
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
         errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
         assert errors == ["error: --monitor 'val/acc' is not one of: val/loss, val/mae, val/mse"], result.stderr
+
+
+def test_each_rank_draws_its_own_random_numbers(fork, tmp_path):
+    result = fork.run("train.py", "--root_dir", str(tmp_path), "--fast_run", "--dropout", "0.5", *TWO_PROCESSES)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rng = torch.load(final(only_run_dir(tmp_path)), weights_only=True)["rng"]
+    # Each rank's stream (torch, numpy, Python): dropout masks differ from rank to rank, as they would on one
+    # device over a batch twice the size. Identical streams would repeat one mask pattern on every rank.
+    for name in ("torch", "numpy_keys", "python_internal"):
+        assert len(rng[name]) == 2 and not torch.equal(rng[name][0], rng[name][1]), name

@@ -77,6 +77,15 @@ CRASH_RUNNER = textwrap.dedent("""
         crash_on_call(lightning.fabric.Fabric, "save", n, before=half_written)
     elif when == "before_rename":
         crash_on_call(checkpoints.os, "replace", n)
+    elif when == "disk_full":  # the n-th checkpoint write finds the disk full
+        import errno, torch
+        save, saves = torch.save, [0]
+        def full(obj, f, *args, **kwargs):
+            saves[0] += 1
+            if saves[0] == n:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+            return save(obj, f, *args, **kwargs)
+        torch.save = full
     elif when == "before_save":
         crash_on_call(checkpoints, "save_checkpoint", n)
     elif when == "before_prune":
@@ -499,3 +508,16 @@ def test_fast_run_cannot_turn_a_resumed_real_run_into_a_smoke_test(fork, tmp_pat
     assert result.returncode == 2
     assert result.stderr.strip() == (f"error: --resume cannot change --fast_run False -> True: the checkpoint would "
                                      "not fit. Start a new run instead")
+
+
+def test_a_full_disk_stops_the_run_in_one_line_and_keeps_every_checkpoint_before_it(fork, tmp_path, reference):
+    failed = crash(fork, "disk_full", 4, "--root_dir", str(tmp_path), *ARGS)
+    assert failed.returncode == 4 and "Traceback" not in failed.stderr, failed.stderr[-2000:]
+    run_dir = only_run_dir(tmp_path)
+    line = failed.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: No space left on device: {run_dir}/checkpoints/\.step-\d+\.ckpt\.\d+\.tmp", line)
+    assert len(list((run_dir / "checkpoints").glob("step-*.ckpt"))) == 3  # the three saved before, and best.ckpt
+    assert all(torch.load(p, weights_only=True)["model"] for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    resumed = fork.call("train.py", "--resume", str(run_dir))  # with room again
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(run_dir, reference)
