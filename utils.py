@@ -7,6 +7,7 @@ import csv
 import errno
 import fcntl
 import io
+import multiprocessing
 import os
 import re
 import shutil
@@ -26,6 +27,7 @@ import yaml
 from lightning.fabric import Fabric
 from lightning.fabric.connector import _is_using_cli
 from lightning.fabric.loggers import Logger, TensorBoardLogger
+from lightning.fabric.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.fabric.utilities.distributed import _set_num_threads_if_needed, _suggested_max_num_threads
 from lightning.fabric.utilities.throughput import measure_flops
@@ -114,14 +116,34 @@ def launch(fabric: Fabric, function: Callable, *args: Any) -> Any:
             del os.environ["OMP_NUM_THREADS"]
         _set_num_threads_if_needed(num_processes=getattr(fabric.strategy, "num_processes", 1))
         return _call_then_leave_process_group(function, args, fabric)
+    handlers = {signum: signal.getsignal(signum) for signum in StopSignals.SIGNALS}
+    if isinstance(fabric.strategy.launcher, _MultiProcessingLauncher):  # ddp_spawn: this process only waits
+        _forward_stop_signals_to_workers()
     os.environ[LAUNCHER_ENV] = str(os.getpid())
     try:  # bound here rather than passed to launch(): ddp_spawn's launcher rejects frozen dataclasses in arguments
         outcome = fabric.launch(partial(_call_then_leave_process_group, function, args))
     finally:
         del os.environ[LAUNCHER_ENV]
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
     if isinstance(outcome, _Stopped):  # raised again here: under ddp_spawn, this is the launching process
         raise outcome.exception()
     return outcome
+
+
+def _forward_stop_signals_to_workers() -> None:
+    """Under ddp_spawn the process you started only waits for its workers. SIGTERM or SIGUSR1 sent to it (or to
+    the whole process group) reaches them, and it waits on for them to save and stop, instead of dying and
+    leaving them orphaned. Ctrl-C reaches every process of the terminal already: here it is not passed on (a
+    second one would mean "stop at once")."""
+
+    def forward(signum: int, frame: Any) -> None:
+        for worker in multiprocessing.active_children():
+            os.kill(worker.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGUSR1, forward)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _Stopped:

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -267,3 +268,25 @@ def test_each_rank_draws_its_own_random_numbers(fork, tmp_path):
     # device over a batch twice the size. Identical streams would repeat one mask pattern on every rank.
     for name in ("torch", "numpy_keys", "python_internal"):
         assert len(rng[name]) == 2 and not torch.equal(rng[name][0], rng[name][1]), name
+
+
+def test_sigterm_to_every_process_of_a_ddp_spawn_run_saves_and_leaves_no_process_behind(fork, tmp_path):
+    from test_resume import wait_for_step
+
+    root = tmp_path / "runs"
+    proc = subprocess.Popen([sys.executable, str(fork.path / "train.py"), "--root_dir", str(root), "--epochs", "40",
+                             "--num_samples", "20000", "--log_interval", "1", "--accelerator", "cpu", "--devices", "2",
+                             "--strategy", "ddp_spawn"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=fork.path, start_new_session=True)  # its own process group, as a job's
+    wait_for_step(root, 3, proc)
+    os.killpg(proc.pid, signal.SIGTERM)  # what a scheduler does: the launching process and both workers
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
+    said = re.search(r"Stopped by SIGTERM at step (\d+): (\S+) saved", out)
+    assert said and torch.load(said.group(2), weights_only=True)["global_step"] == int(said.group(1))
+    for _ in range(100):  # (multiprocessing's resource tracker takes a moment to notice its parent is gone)
+        left = subprocess.run(["pgrep", "-a", "-g", str(proc.pid)], capture_output=True, text=True).stdout
+        if not left:
+            break
+        time.sleep(0.1)
+    assert not left, f"processes left behind: {left}"
