@@ -141,10 +141,12 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
                 with fabric.no_backward_sync(model, enabled=is_accumulating):  # all-reduce only on the last micro-batch
                     loss, _, _ = task.forward(model, batch)  # the task's loss; predictions are for the metrics
                     fabric.backward(loss / accum_steps)
-                state["loss_sum"] += loss.detach()  # summed on the device: no sync per step
-                state["loss_count"] += 1
+                # This step's mean loss, summed on the device (no sync per step), counted in optimizer steps: the
+                # same units at any world size and accumulation, so a resume on other devices logs the same mean.
+                state["loss_sum"] += loss.detach() / accum_steps
                 if is_accumulating:
                     continue
+                state["loss_count"] += 1
                 if cfg.optim.grad_clip > 0:
                     # No error here for a non-finite norm: that check would cost a CPU sync on every step. The
                     # loss is checked at each log step, and the weights before each checkpoint.

@@ -63,10 +63,24 @@ def val_rows(run_dir: Path) -> list[dict[str, float]]:
             if row["val/loss"]]
 
 
+def train_losses(run_dir: Path) -> dict[int, float]:
+    rows = csv.DictReader(open(run_dir / "logs" / "csv" / "metrics.csv"))
+    return {int(row["step"]): float(row["train/loss"]) for row in rows if row["train/loss"]}
+
+
+def assert_same_training_log(run_dir: Path, reference: Path) -> None:
+    """The logged training loss of every log step, accumulation and world size changes included. The running sum
+    is a float32 tensor whatever the precision, so it agrees to float32's rounding (a mis-weighted mean is ~1e-3
+    off)."""
+    a, b = train_losses(run_dir), train_losses(reference)
+    assert a.keys() == b.keys() and len(a) >= 2 and all(a[k] == pytest.approx(b[k], rel=1e-6) for k in a)
+
+
 def test_two_processes_do_the_math_of_one(one_process, two_processes):
     two, stdout = two_processes
     assert "2 device(s) x 16 samples x 2 accumulation step(s) = 64 per optimizer step | lr 0.002" in stdout
     assert max_abs_diff(final(one_process), final(two)) < SAME_MATH
+    assert_same_training_log(two, one_process)
     # Validation is sharded over the ranks and summed exactly: the same numbers, up to float32 metric sums.
     one_val, two_val = val_rows(one_process), val_rows(two)
     assert [r["step"] for r in one_val] == [r["step"] for r in two_val] and len(one_val) == 3
@@ -131,6 +145,7 @@ def test_checkpointed_on_two_processes_resumes_on_one(fork, two_processes, one_p
     # The run was configured with --max_batch_size_per_device 16: on one device that means 4 accumulation steps.
     assert "1 device(s) x 16 samples x 4 accumulation step(s) = 64 per optimizer step | lr 0.002" in result.stdout
     assert max_abs_diff(final(run_dir), final(one_process)) < SAME_MATH
+    assert_same_training_log(run_dir, one_process)  # the partial log interval saved at 2 x 2 goes on at 1 x 4
 
 
 def test_checkpointed_on_one_process_resumes_on_two(fork, one_process, tmp_path):
@@ -140,6 +155,7 @@ def test_checkpointed_on_one_process_resumes_on_two(fork, one_process, tmp_path)
     assert f"/checkpoints/step-{cut:08d}.ckpt: epoch 1, step {cut}" in result.stdout
     assert "2 device(s) x 32 samples x 1 accumulation step(s) = 64 per optimizer step | lr 0.002" in result.stdout
     assert max_abs_diff(final(run_dir), final(one_process)) < SAME_MATH
+    assert_same_training_log(run_dir, one_process)
 
 
 def free_port() -> int:
