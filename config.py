@@ -225,6 +225,8 @@ def validate(cfg: TrainConfig) -> list[str]:
         check(value in allowed, f"--{flag} {value!r} is not one of: {', '.join(allowed)}")
 
     hw, opt, log = cfg.hardware, cfg.optim, cfg.log
+    check(not Path(cfg.root_dir).exists() or Path(cfg.root_dir).is_dir(),
+          f"--root_dir {cfg.root_dir!r} is not a directory")
     check(cfg.out_dir != "" and "/" not in cfg.out_dir and cfg.out_dir not in (".", ".."),
           f"--out_dir {cfg.out_dir!r} must be a plain, non-empty directory name")
     check(len(cfg.logger_name) > 0, "--logger_name needs at least one of: " + ", ".join(LOGGERS))

@@ -4,7 +4,6 @@ Nothing here knows the task: what a batch holds, the loss and the metrics live i
 """
 
 import csv
-import errno
 import fcntl
 import io
 import multiprocessing
@@ -27,6 +26,7 @@ import yaml
 from lightning.fabric import Fabric
 from lightning.fabric.connector import _is_using_cli
 from lightning.fabric.loggers import Logger, TensorBoardLogger
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.fabric.utilities.distributed import _set_num_threads_if_needed, _suggested_max_num_threads
@@ -331,8 +331,6 @@ def lock_run_dir(run_dir: Path) -> str | None:
 
 
 def _new_run_dir(root_dir: Path, out_dir: str) -> Path:
-    if root_dir.exists() and not root_dir.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, "--root_dir is not a directory", str(root_dir))
     root_dir.mkdir(parents=True, exist_ok=True)
     now = time.time()
     while True:
@@ -387,6 +385,7 @@ class ResumableCSVLogger(CSVLogger):
         self.resumed_at = resumed_at
 
     @property
+    @rank_zero_experiment  # as the parent's: other ranks get a stand-in, and never touch the file
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)

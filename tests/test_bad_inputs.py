@@ -86,7 +86,7 @@ CASES = [
      "config file {world}/unknown_flat_key.yaml: 'epochz', 'lrr' are not config fields (see --help)"),
     ("config file malformed", "train", ["--config_path", "{world}/malformed.yaml"], "is not valid YAML"),
     ("root dir is a file", "train", ["--root_dir", "{world}/notes.txt"],
-     "--root_dir is not a directory: {world}/notes.txt"),
+     "--root_dir '{world}/notes.txt' is not a directory"),
     ("resume nowhere", "train", ["--resume", "{world}/runs/nope"], "--resume '{world}/runs/nope': no such run"),
     ("resume not a run", "train", ["--resume", "{world}"], "is not a run directory: it has no config.yaml"),
     ("resume a file outside a run", "train", ["--resume", "{world}/other_model.ckpt"],
