@@ -59,7 +59,7 @@ def exit_on_usage_error() -> Iterator[None]:
         # A process that Fabric's launcher started leaves the report to the launching one, which meets the same
         # problem (every rank runs the same checks); a filesystem error may be its own, so it says it, with its rank.
         if not started_by_launcher() or isinstance(err, FilesystemError):
-            prefix = f"[rank {os.environ.get('RANK', '?')}] " if started_by_launcher() else ""
+            prefix = f"[local rank {os.environ.get('LOCAL_RANK', '?')}] " if started_by_launcher() else ""
             for problem in err.problems:
                 print(f"{prefix}error: {problem}", file=sys.stderr)
         sys.exit(err.exit_code)
