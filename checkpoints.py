@@ -55,8 +55,9 @@ def checkpoint_step(path: Path) -> int:
     (memory-mapped: its tensors are not read). -1 when it cannot be read."""
     if match := PERIODIC_CHECKPOINT.match(path.name):
         return int(match.group(1))
-    try:
-        return int(torch.load(path, mmap=True, weights_only=True, map_location="cpu")["global_step"])
+    try:  # a sharded checkpoint (a directory) keeps its plain values in meta.pt
+        file = path / "meta.pt" if path.is_dir() else path
+        return int(torch.load(file, mmap=True, weights_only=True, map_location="cpu")["global_step"])
     except Exception:  # noqa: BLE001 - unreadable: loading it will say why
         return -1
 
@@ -106,7 +107,8 @@ def save_checkpoint(fabric: Fabric, state: dict[str, Any], *paths: Path, keep: i
     # the epoch and with it best.ckpt, rather than skipping a best.ckpt that was never put in place.
     paths = tuple(sorted(paths, key=lambda p: bool(PERIODIC_CHECKPOINT.match(p.name))))
     keep = keep if PERIODIC_CHECKPOINT.match(paths[-1].name) else None
-    finite = torch.stack([p.isfinite().all() for p in state["model"].parameters()]).all()
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in state["model"].parameters()]  # FSDP2: a shard
+    finite = torch.stack([p.isfinite().all() for p in local]).all()
     if not fabric.all_reduce(finite.float(), reduce_op="min").item():  # one sync per checkpoint, not per step
         raise NonFiniteLoss(f"the weights are not finite at step {state['global_step']} ({paths[0].name})",
                             newest_checkpoint(paths[0].parent))
@@ -231,8 +233,7 @@ def load_checkpoint(fabric: Fabric, path: Path, state: dict[str, Any]) -> None:
     """Restore every key of `state` from `path`, and this rank's RNG states. The file is verified first: every
     member of its zip archive against its CRC-32 (a flipped bit is found, not trained on); then it is loaded with
     weights_only=True (a file that carries arbitrary pickled code is refused, not run)."""
-    if not path.is_dir():  # a sharded checkpoint is a directory of files that carry no checksums
-        verify(path)
+    verify(path)
     try:
         with warnings.catch_warnings():  # a foreign file's pickle protocol is not worth a warning before our error
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -248,8 +249,14 @@ def load_checkpoint(fabric: Fabric, path: Path, state: dict[str, Any]) -> None:
 
 
 def verify(path: Path) -> None:
-    """Raise a UsageError that says why, unless `path` is a complete zip archive whose members match their CRCs."""
-    if not path.is_file():  # a device (/dev/zero), a broken link, a folder
+    """Raise a UsageError that says why, unless `path` is a complete zip archive whose members match their CRCs,
+    or a complete sharded checkpoint: a directory with the .metadata and meta.pt that are written last."""
+    if path.is_dir():
+        missing = [name for name in (".metadata", "meta.pt") if not (path / name).is_file()]
+        if missing:
+            raise UsageError(f"cannot load checkpoint {path}: an incomplete sharded checkpoint (no {', '.join(missing)})")
+        return  # the shards carry no checksums
+    if not path.is_file():  # a device (/dev/zero), a broken link
         raise UsageError(f"cannot load checkpoint {path}: not a regular file")
     try:
         with zipfile.ZipFile(path) as archive:

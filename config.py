@@ -29,7 +29,7 @@ LOGGERS = ("csv", "tensorboard", "wandb")
 LR_SCALING_RULES = ("none", "linear", "sqrt")
 OPTIMIZERS = ("adamw", "sgd")
 ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps", "tpu")
-STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp", "deepspeed", "dp")
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp", "fsdp1", "deepspeed", "dp")
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "transformer-engine")
 CHECKPOINT_CHOICES = ("best", "last", "final")
 
@@ -53,7 +53,8 @@ class HardwareConfig:
     num_nodes: int = 1
     """Number of nodes (machines)."""
     strategy: str = "auto"
-    """Distribution strategy: auto, ddp, ddp_spawn, fsdp, deepspeed or dp."""
+    """Distribution strategy: auto, ddp, ddp_spawn, fsdp (FSDP2, sharded; CPUs too), fsdp1 (Fabric's FSDP1, GPUs),
+    deepspeed or dp."""
     precision: str = "32-true"
     """Numerical precision: 32-true, 16-mixed, bf16-mixed, 16-true, bf16-true or 64-true."""
     compile: bool = False

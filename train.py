@@ -57,8 +57,9 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
         model = model.to(memory_format=torch.channels_last)
     if fabric.device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
-    optimizer = make_optimizer(model, cfg.optim, lr, fused=fabric.device.type in ("cuda", "cpu"))
-    model, optimizer = fabric.setup(torch.compile(model) if cfg.hardware.compile else model, optimizer)
+    # The optimizer is made from the parameters after setup: under FSDP they are replaced by their shards.
+    model = fabric.setup_module(torch.compile(model) if cfg.hardware.compile else model)
+    optimizer = fabric.setup_optimizers(make_optimizer(model, cfg.optim, lr, fused=fabric.device.type in ("cuda", "cpu")))
     steps_per_epoch, epochs = sampler.steps_per_epoch, cfg.epochs()
     metrics = task.metrics(info).to(fabric.device)  # the task's validation metrics, logged as val/<name>
 

@@ -27,6 +27,8 @@ from lightning.fabric import Fabric
 from lightning.fabric.connector import _is_using_cli
 from lightning.fabric.loggers import Logger, TensorBoardLogger
 from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.fabric.plugins import DoublePrecision
+from lightning.fabric.strategies import ModelParallelStrategy
 from lightning.fabric.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.fabric.utilities.distributed import _set_num_threads_if_needed, _suggested_max_num_threads
@@ -95,14 +97,48 @@ def stop_after_signal(fabric: Fabric, cfg: TrainConfig, signum: int, checkpoint:
 
 def make_fabric(accelerator: str, devices: str, num_nodes: int = 1, strategy: str = "auto",
                 precision: str = "32-true") -> Fabric:
+    """--strategy fsdp is FSDP2 (PyTorch's fully_shard) through Fabric's ModelParallelStrategy, which also runs on
+    CPUs; fsdp1 is Fabric's FSDPStrategy (FSDP1, GPUs only). Other names go to Fabric as they are."""
     devices_arg = int(devices) if devices.lstrip("-").isdigit() else devices  # "2" -> 2; "0,1" and "auto" as is
+    chosen: Any = {"fsdp": FSDP2Strategy, "fsdp1": "fsdp"}.get(strategy, strategy)
+    # Our checkpoint writer (no copy in memory, nothing in $TMPDIR); FSDP2 writes its shards without a plugin.
+    plugins: list[Any] = [] if strategy == "fsdp" else [DirectCheckpointIO()]
+    named: str | None = precision
+    if strategy == "fsdp" and precision == "64-true":  # Fabric refuses the name for FSDP2, not the plugin: fine,
+        plugins, named = [DoublePrecision()], None  # fully_shard shards float64 parameters like any others
     try:
-        return Fabric(accelerator=accelerator, devices=devices_arg, num_nodes=num_nodes, strategy=strategy,
-                      precision=precision, plugins=[DirectCheckpointIO()])
+        return Fabric(accelerator=accelerator, devices=devices_arg, num_nodes=num_nodes,
+                      strategy=chosen() if strategy == "fsdp" else chosen, precision=named, plugins=plugins)
     except (ValueError, RuntimeError, TypeError, ImportError) as err:  # e.g. --accelerator cuda without a GPU
         flags = f"--accelerator {accelerator} --devices {devices} --num_nodes {num_nodes} --strategy {strategy}"
         reason = " ".join(str(err).split())
         raise UsageError(f"cannot start Fabric with {flags} --precision {precision}: {reason}") from None
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Fabric's ModelParallelStrategy as plain FSDP2: every process is one data-parallel shard (no tensor
+    parallelism), and the model is sharded by the task's `parallelize(model, mesh)` in model.py, else layer by
+    layer (shard_layers). Checkpoints are directories of shards (torch.distributed.checkpoint)."""
+
+    def __init__(self) -> None:
+        import model as task_models
+
+        super().__init__(parallelize_fn=getattr(task_models, "parallelize", shard_layers))
+
+    def setup_environment(self) -> None:
+        self._data_parallel_size, self._tensor_parallel_size = self.num_nodes * self.num_processes, 1
+        super().setup_environment()
+
+
+def shard_layers(model: torch.nn.Module, mesh: Any) -> torch.nn.Module:
+    """FSDP2's default for a model that says nothing: each module that holds parameters of its own is a unit
+    (its parameters are gathered only while it computes), then the root holds what is left."""
+    from torch.distributed.fsdp import fully_shard
+
+    for module in model.modules():
+        if module is not model and any(True for _ in module.parameters(recurse=False)):
+            fully_shard(module, mesh=mesh["data_parallel"])
+    return fully_shard(model, mesh=mesh["data_parallel"])
 
 
 def launch(fabric: Fabric, function: Callable, *args: Any) -> Any:

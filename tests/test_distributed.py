@@ -306,3 +306,26 @@ def test_sigterm_to_every_process_of_a_ddp_spawn_run_saves_and_leaves_no_process
             break
         time.sleep(0.1)
     assert not left, f"processes left behind: {left}"
+
+
+def consolidated_model(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The model's state dict from a checkpoint file, or from a sharded checkpoint directory (FSDP), whole."""
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+    return (_load_distributed_checkpoint(checkpoint) if checkpoint.is_dir() else
+            torch.load(checkpoint, weights_only=True))["model"]
+
+
+def test_fsdp_does_the_math_of_ddp_and_saves_sharded_checkpoints(fork, two_processes, tmp_path):
+    # The same 2 x 16 x 2 split as the DDP run, each process holding half of every layer (FSDP2, over gloo).
+    result = fork.run("train.py", "--root_dir", str(tmp_path), *ARGS, "--accelerator", "cpu", "--devices", "2",
+                      "--strategy", "fsdp", "--max_batch_size_per_device", "16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path)
+    sharded = final(run_dir)
+    assert sharded.is_dir() and {p.name for p in sharded.iterdir()} == {".metadata", "__0_0.distcp", "__1_0.distcp",
+                                                                          "meta.pt"}
+    fsdp, ddp = consolidated_model(sharded), consolidated_model(final(two_processes[0]))
+    assert fsdp.keys() == ddp.keys() and max((fsdp[k] - ddp[k]).abs().max().item() for k in fsdp) < SAME_MATH
+    assert_same_training_log(run_dir, two_processes[0])
+    assert not list((run_dir / "checkpoints").glob(".*"))  # every temporary directory was published or removed
