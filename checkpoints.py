@@ -22,6 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.fabric import Fabric
+from lightning.fabric.strategies import ModelParallelStrategy
+from lightning.fabric.utilities.load import _load_distributed_checkpoint
+from lightning.fabric.wrappers import _unwrap_objects
 from lightning.fabric.plugins import TorchCheckpointIO
 
 from errors import NonFiniteLoss, UsageError
@@ -112,7 +115,9 @@ def save_checkpoint(fabric: Fabric, state: dict[str, Any], *paths: Path, keep: i
     if not fabric.all_reduce(finite.float(), reduce_op="min").item():  # one sync per checkpoint, not per step
         raise NonFiniteLoss(f"the weights are not finite at step {state['global_step']} ({paths[0].name})",
                             newest_checkpoint(paths[0].parent))
-    tmp = _temporary_name(paths[0])
+    # One name for every rank: under FSDP each writes its shard into this directory (a clock read on each rank
+    # would give each its own).
+    tmp = Path(fabric.broadcast(str(_temporary_name(paths[0])), src=0))
     fabric.save(tmp, {**state, "rng": gather_rng_states(fabric)})
     fabric.barrier()  # every rank's part is written
     if fabric.global_rank == 0:
@@ -128,8 +133,8 @@ def _publish_and_prune(tmp: Path, paths: tuple[Path, ...], keep: int | None) -> 
     publish(tmp, paths[0])
     for path in paths[1:]:
         link = _temporary_name(path)
-        if paths[0].is_dir():  # a sharded checkpoint: directories cannot be hard-linked
-            shutil.copytree(paths[0], link)
+        if paths[0].is_dir():  # a sharded checkpoint: a directory of hard links to the same shards
+            shutil.copytree(paths[0], link, copy_function=os.link)
         else:
             os.link(paths[0], link)
         publish(link, path)
@@ -147,10 +152,10 @@ def publish(tmp: Path, path: Path) -> None:
     """Flush `tmp` to disk and give it the name `path`, atomically. `tmp` may be a directory: the sharded
     checkpoint that Fabric writes under FSDP. A directory cannot replace another in one step, so an existing
     one is first renamed aside and deleted only after the new one is in place."""
-    for file in [tmp] if tmp.is_file() else [p for p in tmp.rglob("*") if p.is_file()]:
-        _fsync(file)
+    for file in [tmp] if tmp.is_file() else [*(p for p in tmp.rglob("*") if p.is_file()), tmp]:
+        _fsync(file)  # every shard, and the directory's own entries
     _fsync(tmp.parent)
-    if tmp.is_dir() and path.exists():
+    if path.exists() and (tmp.is_dir() or path.is_dir()):  # a directory on either side (FSDP, or no longer)
         old = path.with_name(f".{path.name}.old.tmp")
         os.replace(path, old)
         os.replace(tmp, path)
@@ -197,7 +202,7 @@ def load_newest_checkpoint(fabric: Fabric, run_dir: Path, state: dict[str, Any])
     the newer ones that failed to load (truncated, corrupted, another model's), each skipped with a warning; the
     caller moves those aside once it owns the run, so that rotation never counts them. `run_dir` may be a
     checkpoint file: that one is loaded."""
-    if run_dir.is_file():
+    if run_dir.is_file() or (run_dir / "meta.pt").is_file():  # a chosen checkpoint (config.is_checkpoint)
         load_checkpoint(fabric, run_dir, state)
         return run_dir, []
     ckpt_dir = run_dir / "checkpoints"
@@ -237,7 +242,10 @@ def load_checkpoint(fabric: Fabric, path: Path, state: dict[str, Any]) -> None:
     try:
         with warnings.catch_warnings():  # a foreign file's pickle protocol is not worth a warning before our error
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            remainder = fabric.load(path, state, strict=True, weights_only=True)
+            if path.is_dir() and not isinstance(fabric.strategy, ModelParallelStrategy):
+                remainder = _load_sharded_whole(path, state)  # FSDP's shards, into a model that is not sharded
+            else:
+                remainder = fabric.load(path, state, strict=True, weights_only=True)
     except pickle.UnpicklingError:
         raise UsageError(f"cannot load checkpoint {path}: it holds objects other than tensors and plain Python "
                          "values, and loading it could run code: refused") from None
@@ -246,6 +254,27 @@ def load_checkpoint(fabric: Fabric, path: Path, state: dict[str, Any]) -> None:
         raise UsageError(f"cannot load checkpoint {path}: {reason[:300]}") from None
     if "rng" in remainder:
         restore_rng_states(remainder["rng"], fabric.global_rank)
+
+
+def _load_sharded_whole(path: Path, state: dict[str, Any]) -> dict[str, Any]:
+    """Load a sharded checkpoint (a directory written under FSDP) into `state` whose model is whole (one device,
+    DDP): every process reads all the shards, and the optimizer state, which is keyed by parameter name there,
+    is mapped back onto the optimizer. Returns what `state` did not ask for."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    full = _load_distributed_checkpoint(path)
+    missing = [key for key in state if key not in full]
+    if missing:
+        raise KeyError(f"the checkpoint has no {', '.join(missing)}")
+    raw = _unwrap_objects(state)
+    for key, value in raw.items():
+        if isinstance(value, torch.nn.Module):
+            value.load_state_dict(full.pop(key), strict=True)
+        elif isinstance(value, torch.optim.Optimizer):
+            set_optimizer_state_dict(raw["model"], value, full.pop(key), options=StateDictOptions(full_state_dict=True))
+        else:
+            state[key] = full.pop(key)
+    return full
 
 
 def verify(path: Path) -> None:

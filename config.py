@@ -417,7 +417,7 @@ def parse_train_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
 def resumed_run(resume: str) -> Path:
     """The run that --resume continues: RUN_DIR itself, or the run whose checkpoints/ holds the file given."""
     path = Path(resume)
-    if path.is_file():
+    if is_checkpoint(path):
         if path.parent.name != "checkpoints" or not (path.parent.parent / "config.yaml").is_file():
             raise UsageError(f"--resume {resume!r}: a checkpoint file must be in a run's checkpoints/ folder, next "
                              "to which the run's config.yaml is")
@@ -427,6 +427,11 @@ def resumed_run(resume: str) -> Path:
     if not (path / "config.yaml").is_file():
         raise UsageError(f"--resume {resume!r} is not a run directory: it has no config.yaml")
     return path
+
+
+def is_checkpoint(path: Path) -> bool:
+    """A checkpoint file, or the directory of a sharded one (FSDP), as opposed to a run directory."""
+    return path.is_file() or (path / "meta.pt").is_file()
 
 
 def _given(argv: Sequence[str], flag: str) -> bool:

@@ -69,7 +69,7 @@ def find_checkpoint(run_dir: Path, which: str) -> Path:
         path = periodic[-1] if periodic else ckpt_dir / "step-*.ckpt"
     else:
         path = Path(which)
-    if not path.is_file():
+    if not (path.is_file() or (path / "meta.pt").is_file()):  # a file, or a sharded checkpoint's directory
         raise UsageError(f"--checkpoint {which!r}: no checkpoint at {path} "
                          f"(use {', '.join(CHECKPOINT_CHOICES)} or a path to a .ckpt file)")
     return path
@@ -79,9 +79,10 @@ def cli(argv: list[str] | None = None) -> None:
     """`python test.py ...`: exit code 0 when done, 2 for bad input."""
     with exit_on_usage_error():
         cfg = parse_test_config(argv)
-        find_checkpoint(Path(cfg.out_dir), cfg.checkpoint)  # fail before any process starts
+        checkpoint = find_checkpoint(Path(cfg.out_dir), cfg.checkpoint)  # fail before any process starts
         precision = load_train_config(Path(cfg.out_dir) / "config.yaml").hardware.precision
-        utils.launch(utils.make_fabric(cfg.accelerator, cfg.devices, precision=precision), main, cfg)
+        strategy = "fsdp" if checkpoint.is_dir() else "auto"  # a sharded checkpoint loads into a sharded model
+        utils.launch(utils.make_fabric(cfg.accelerator, cfg.devices, strategy=strategy, precision=precision), main, cfg)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from torchmetrics import MeanMetric, MetricCollection, SumMetric
 import checkpoints
 import task
 import utils
-from config import LogConfig, OptimConfig, TrainConfig, parse_train_config
+from config import LogConfig, OptimConfig, TrainConfig, is_checkpoint, parse_train_config
 from data import load_splits
 from errors import NonFiniteLoss, UsageError, exit_on_usage_error, started_by_launcher
 from loaders import GlobalBatchSampler, make_eval_loader, make_train_loader
@@ -82,7 +82,7 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
             utils.set_aside_damaged(fabric, Path(cfg.resume), damaged)
         state["loss_sum"] = state["loss_sum"].to(fabric.device)  # checkpoints load onto the CPU
         fabric.print(f"Resuming from {checkpoint}: epoch {state['epoch']}, step {state['global_step']}" +
-                     (" (a chosen checkpoint: in a new run dir)" if Path(cfg.resume).is_file() else ""))
+                     (" (a chosen checkpoint: in a new run dir)" if is_checkpoint(Path(cfg.resume)) else ""))
         for group in optimizer.param_groups:  # a resume's --weight_decay takes effect (its --lr does by itself)
             group["weight_decay"] = cfg.optim.weight_decay
         if schedule_change := continue_schedule(state, cfg.optim, epochs, steps_per_epoch, lr):  # never a jump

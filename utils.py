@@ -38,7 +38,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from tqdm import tqdm
 
 from checkpoints import DirectCheckpointIO, checkpoint_step, clean_up_after_crash, set_aside, wait_for_checkpoints
-from config import TrainConfig, load_train_config, overrides, resumed_run, to_yaml
+from config import TrainConfig, is_checkpoint, load_train_config, overrides, resumed_run, to_yaml
 from errors import LAUNCHER_ENV, FilesystemError, UsageError
 
 
@@ -296,7 +296,7 @@ def create_run_dir(fabric: Fabric, cfg: TrainConfig, step: int, lr_schedule: dic
 
 def _prepare_run_dir(cfg: TrainConfig, step: int, lr_schedule: dict[str, Any]) -> tuple[Path, str | None]:
     """On rank 0, create_run_dir's work: (RUN_DIR, None), or (RUN_DIR, why this process may not write it)."""
-    branch = bool(cfg.resume) and Path(cfg.resume).is_file()  # resumed from a chosen checkpoint file
+    branch = bool(cfg.resume) and is_checkpoint(Path(cfg.resume))  # resumed from a chosen checkpoint
     run_dir = Path(cfg.resume) if cfg.resume and not branch else _new_run_dir(Path(cfg.root_dir), cfg.out_dir)
     problem = lock_run_dir(run_dir)
     if problem:

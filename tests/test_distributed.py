@@ -127,12 +127,14 @@ def test_test_py_on_two_devices_reports_exactly_what_one_device_does(fork, one_p
 
 def cut_mid_epoch_2(run_dir: Path, to: Path) -> tuple[Path, int]:
     """A copy of `run_dir` as if it had been killed after a checkpoint in the middle of epoch 2."""
-    per_epoch = torch.load(final(run_dir), weights_only=True)["global_step"] // 3
+    from checkpoints import checkpoint_step, remove_checkpoint
+
+    per_epoch = checkpoint_step(final(run_dir)) // 3
     cut = next(s for s in range(per_epoch + 1, 2 * per_epoch) if s % 3 == 0)
     shutil.copytree(run_dir, to)
-    for ckpt in (to / "checkpoints").glob("*.ckpt"):
+    for ckpt in (to / "checkpoints").glob("*.ckpt"):  # files, or directories of shards (FSDP)
         if ckpt.name == "final.ckpt" or (ckpt.name.startswith("step-") and int(ckpt.stem[5:]) > cut):
-            ckpt.unlink()
+            remove_checkpoint(ckpt)
     return to, cut
 
 
@@ -316,16 +318,75 @@ def consolidated_model(checkpoint: Path) -> dict[str, torch.Tensor]:
             torch.load(checkpoint, weights_only=True))["model"]
 
 
-def test_fsdp_does_the_math_of_ddp_and_saves_sharded_checkpoints(fork, two_processes, tmp_path):
+FSDP = ["--accelerator", "cpu", "--devices", "2", "--strategy", "fsdp"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(fork, tmp_path_factory) -> Path:
     # The same 2 x 16 x 2 split as the DDP run, each process holding half of every layer (FSDP2, over gloo).
-    result = fork.run("train.py", "--root_dir", str(tmp_path), *ARGS, "--accelerator", "cpu", "--devices", "2",
-                      "--strategy", "fsdp", "--max_batch_size_per_device", "16")
+    root = tmp_path_factory.mktemp("fsdp")
+    result = fork.run("train.py", "--root_dir", str(root), *ARGS, *FSDP, "--max_batch_size_per_device", "16")
     assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = only_run_dir(tmp_path)
-    sharded = final(run_dir)
+    return only_run_dir(root)
+
+
+def test_fsdp_does_the_math_of_ddp_and_saves_sharded_checkpoints(fsdp_run, two_processes):
+    sharded = final(fsdp_run)
     assert sharded.is_dir() and {p.name for p in sharded.iterdir()} == {".metadata", "__0_0.distcp", "__1_0.distcp",
                                                                           "meta.pt"}
     fsdp, ddp = consolidated_model(sharded), consolidated_model(final(two_processes[0]))
     assert fsdp.keys() == ddp.keys() and max((fsdp[k] - ddp[k]).abs().max().item() for k in fsdp) < SAME_MATH
-    assert_same_training_log(run_dir, two_processes[0])
-    assert not list((run_dir / "checkpoints").glob(".*"))  # every temporary directory was published or removed
+    assert_same_training_log(fsdp_run, two_processes[0])
+    assert not list((fsdp_run / "checkpoints").glob(".*"))  # every temporary directory was published or removed
+
+
+def test_sigkill_mid_publish_under_fsdp_resumes_bitwise_and_rotates_directories(fork, fsdp_run, tmp_path):
+    from test_resume import crash
+
+    root = tmp_path / "runs"
+    args = ["--root_dir", str(root), *ARGS, *FSDP, "--max_batch_size_per_device", "16", "--num_checkpoint_keep", "2"]
+    killed = crash(fork, "before_rename", 3, *args)  # rank 0 dies with the 3rd directory complete, not yet renamed
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    run_dir = only_run_dir(root)
+    assert list((run_dir / "checkpoints").glob(".step-*.tmp"))  # the directory it was about to publish
+    resumed = fork.run("train.py", "--resume", str(run_dir))  # its config: fsdp on 2 processes
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = consolidated_model(final(run_dir)), consolidated_model(final(fsdp_run))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "best.ckpt", "final.ckpt", *[p.name for p in sorted((fsdp_run / "checkpoints").glob("step-*"))[-2:]]]
+
+
+def test_a_sharded_checkpoint_resumes_on_one_process_without_fsdp(fork, fsdp_run, one_process, tmp_path):
+    run_dir, cut = cut_mid_epoch_2(fsdp_run, tmp_path / "cut")
+    result = fork.call("train.py", "--resume", str(run_dir), "--accelerator", "cpu", "--devices", "1",
+                       "--strategy", "auto")
+    assert result.returncode == 0, result.stderr
+    assert f"/checkpoints/step-{cut:08d}.ckpt: epoch 1, step {cut}" in result.stdout
+    whole = torch.load(final(run_dir), weights_only=True)["model"]  # a file again: no FSDP any more
+    reference = consolidated_model(final(one_process))
+    assert max((whole[k] - reference[k]).abs().max().item() for k in whole) < SAME_MATH
+
+
+def test_a_ddp_checkpoint_resumes_under_fsdp(fork, two_processes, one_process, tmp_path):
+    run_dir, cut = cut_mid_epoch_2(two_processes[0], tmp_path / "cut")
+    result = fork.run("train.py", "--resume", str(run_dir), *FSDP)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert final(run_dir).is_dir()
+    fsdp, reference = consolidated_model(final(run_dir)), consolidated_model(final(one_process))
+    assert max((fsdp[k] - reference[k]).abs().max().item() for k in fsdp) < SAME_MATH
+
+
+def test_a_sharded_run_is_evaluated_on_one_or_two_processes_and_exported_to_one_file(fork, fsdp_run, tmp_path):
+    reports = []
+    for devices in ["2", "1"]:
+        result = fork.run("test.py", "--out_dir", str(fsdp_run), "--accelerator", "cpu", "--devices", devices)
+        assert result.returncode == 0, result.stderr[-3000:]
+        reports.append((fsdp_run / "test" / "metrics.json").read_text())
+    assert reports[0] == reports[1]
+    exported = tmp_path / "final.pt"  # the README's one command
+    subprocess.run([sys.executable, "-m", "lightning.fabric.utilities.consolidate_checkpoint", str(final(fsdp_run)),
+                    "--output_file", str(exported)], check=True, capture_output=True)
+    whole = torch.load(exported, weights_only=True)
+    assert whole["global_step"] == torch.load(final(fsdp_run) / "meta.pt", weights_only=True)["global_step"]
+    assert all(torch.equal(whole["model"][k], v) for k, v in consolidated_model(final(fsdp_run)).items())
