@@ -61,6 +61,9 @@ class HardwareConfig:
     """torch.compile the model (before fabric.setup). Pays off on GPUs and long runs; compiling takes a while."""
     channels_last: bool = False
     """Keep the model's conv weights in channels_last memory format (faster convolutions on recent GPUs)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass instead of keeping them: less memory, more
+    compute, the same gradients."""
     num_workers: int = 0
     """DataLoader worker processes per device. 0 loads in the main process, best for in-memory tensors."""
 

@@ -53,6 +53,8 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
         model = build_model(cfg.arch, info)
     if fabric.global_rank > 0:  # from here on, each rank its own random stream (dropout masks, augmentation)
         seed_everything(cfg.seed + fabric.global_rank, verbose=False)
+    if cfg.hardware.activation_checkpointing:
+        utils.checkpoint_activations(model)
     if cfg.hardware.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if fabric.device.type == "cuda":

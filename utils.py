@@ -141,6 +141,23 @@ def shard_layers(model: torch.nn.Module, mesh: Any) -> torch.nn.Module:
     return fully_shard(model, mesh=mesh["data_parallel"])
 
 
+def checkpoint_activations(model: torch.nn.Module) -> None:
+    """--activation_checkpointing: each block (a child of the model that holds parameters) recomputes its
+    activations in the backward pass instead of keeping them, with PyTorch's non-reentrant checkpoint. It
+    replays the RNG (the same dropout masks), so the gradients are those of a run without it; state dict keys
+    are unchanged."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+
+    blocks = {child for child in model.children() if any(True for _ in child.parameters())}
+    apply_activation_checkpointing(model, check_fn=lambda module: module in blocks,
+                                   checkpoint_wrapper_fn=partial(checkpoint_wrapper,
+                                                                 checkpoint_impl=CheckpointImpl.NO_REENTRANT))
+
+
 def launch(fabric: Fabric, function: Callable, *args: Any) -> Any:
     """fabric.launch(function, *args), leaving the process group when `function` returns. Under `fabric run`,
     which has started the processes already, a plain call. A stop signal or a usage error in a worker that

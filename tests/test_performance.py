@@ -43,3 +43,14 @@ def test_compiled_model_checkpoints_load_into_a_plain_one(tmp_path):
     weights = model_weights(run_dir / "checkpoints" / "final.ckpt")
     assert not any(k.startswith("_orig_mod") for k in weights)  # test.py and resume need the plain names
     assert run_cli("test", "--out_dir", str(run_dir), "--checkpoint", "final") == 0
+
+
+def test_activation_checkpointing_gives_the_same_training_with_the_same_checkpoint_keys(tmp_path):
+    # Dropout sits inside the CNN's classifier block: the recomputation must replay the same masks.
+    args = ["--fast_run", "--dropout", "0.5", "--precision", "64-true"]
+    plain = model_weights(train_in_process(tmp_path / "plain", *args) / "checkpoints" / "final.ckpt")
+    recomputed_run = train_in_process(tmp_path / "ac", *args, "--activation_checkpointing")
+    recomputed = model_weights(recomputed_run / "checkpoints" / "final.ckpt")
+    assert recomputed.keys() == plain.keys()  # no wrapper names: test.py and resume see the plain model
+    assert all(torch.equal(recomputed[k], plain[k]) for k in plain)  # the same gradients, to the bit
+    assert run_cli("test", "--out_dir", str(recomputed_run), "--checkpoint", "final") == 0
