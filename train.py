@@ -209,9 +209,12 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
     if fabric.is_global_zero:
         draw_curves(run_dir, monitor, mode)  # from the whole run's CSV log, resumed parts included
     saved = ", ".join(sorted(p.name for p in ckpt_dir.glob("*.ckpt")))
+    memory = utils.memory_per_process(model, optimizer, fabric.device)  # what sharding (FSDP) divides
+    fabric.log_dict({f"memory/{name}": value for name, value in memory.items()}, step=state["global_step"])
     fabric.print(f"Finished {steps} steps in {seconds:.1f}s ({steps / seconds:.1f} steps/s, "
                  f"{steps * cfg.optim.eff_batch_size / seconds:.0f} samples/s, validation and checkpoints included)\n"
                  f"  {best_summary(state['best'])}\n"
+                 f"  memory on rank 0: " + ", ".join(f"{name} {value:.1f} MiB" for name, value in memory.items()) + "\n"
                  f"  checkpoints: {saved}\n  curves: {run_dir / 'curves.png'} | logs: {run_dir / 'logs'}\n"
                  f"Run dir: {run_dir}\nEvaluate: python test.py --out_dir {run_dir}")
 

@@ -141,6 +141,23 @@ def shard_layers(model: torch.nn.Module, mesh: Any) -> torch.nn.Module:
     return fully_shard(model, mesh=mesh["data_parallel"])
 
 
+def memory_per_process(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       device: torch.device) -> dict[str, float]:
+    """MiB this process holds for the model's parameters and the optimizer's state (its shards under FSDP: the
+    memory sharding divides by the world size), and on CUDA the allocator's peak. A CPU has no allocator
+    statistics to report."""
+
+    def mib(tensors: Any) -> float:
+        local = (t.to_local() if hasattr(t, "to_local") else t for t in tensors)
+        return sum(t.numel() * t.element_size() for t in local if isinstance(t, torch.Tensor)) / 2**20
+
+    states = [value for state in optimizer.state.values() for value in state.values()]
+    memory = {"params": mib(model.parameters()), "optimizer_state": mib(states)}
+    if device.type == "cuda":
+        memory["cuda_peak_allocated"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return memory
+
+
 def checkpoint_activations(model: torch.nn.Module) -> None:
     """--activation_checkpointing: each block (a child of the model that holds parameters) recomputes its
     activations in the backward pass instead of keeping them, with PyTorch's non-reentrant checkpoint. It

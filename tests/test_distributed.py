@@ -338,6 +338,15 @@ def test_fsdp_does_the_math_of_ddp_and_saves_sharded_checkpoints(fsdp_run, two_p
     assert fsdp.keys() == ddp.keys() and max((fsdp[k] - ddp[k]).abs().max().item() for k in fsdp) < SAME_MATH
     assert_same_training_log(fsdp_run, two_processes[0])
     assert not list((fsdp_run / "checkpoints").glob(".*"))  # every temporary directory was published or removed
+    # What rank 0 holds of the parameters and the optimizer state: about half (FSDP2 splits each tensor's first
+    # dimension; the toy's one-row output layer stays whole on rank 0).
+    fsdp_memory, ddp_memory = memory_logged(fsdp_run), memory_logged(two_processes[0])
+    assert all(0.4 * ddp_memory[k] < fsdp_memory[k] < 0.75 * ddp_memory[k] for k in ("params", "optimizer_state"))
+
+
+def memory_logged(run_dir: Path) -> dict[str, float]:
+    rows = [r for r in csv.DictReader(open(run_dir / "logs" / "csv" / "metrics.csv")) if r.get("memory/params")]
+    return {k.removeprefix("memory/"): float(v) for k, v in rows[-1].items() if k.startswith("memory/")}
 
 
 def test_sigkill_mid_publish_under_fsdp_resumes_bitwise_and_rotates_directories(fork, fsdp_run, tmp_path):
