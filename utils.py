@@ -129,16 +129,27 @@ class FSDP2Strategy(ModelParallelStrategy):
         self._data_parallel_size, self._tensor_parallel_size = self.num_nodes * self.num_processes, 1
         super().setup_environment()
 
+    def setup_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        """With --precision bf16-mixed, the default sharding gathers the parameters in bf16 and reduces the
+        gradients in float32 (FSDP2's MixedPrecisionPolicy); the sharded parameters stay float32."""
+        if self._parallelize_fn is shard_layers and getattr(self.precision, "precision", None) == "bf16-mixed":
+            from torch.distributed.fsdp import MixedPrecisionPolicy
 
-def shard_layers(model: torch.nn.Module, mesh: Any) -> torch.nn.Module:
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            self._parallelize_fn = partial(shard_layers, mp_policy=policy)
+        return super().setup_module(module)
+
+
+def shard_layers(model: torch.nn.Module, mesh: Any, mp_policy: Any = None) -> torch.nn.Module:
     """FSDP2's default for a model that says nothing: each module that holds parameters of its own is a unit
     (its parameters are gathered only while it computes), then the root holds what is left."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    options = {"mesh": mesh["data_parallel"], "mp_policy": mp_policy or MixedPrecisionPolicy()}
     for module in model.modules():
         if module is not model and any(True for _ in module.parameters(recurse=False)):
-            fully_shard(module, mesh=mesh["data_parallel"])
-    return fully_shard(model, mesh=mesh["data_parallel"])
+            fully_shard(module, **options)
+    return fully_shard(model, **options)
 
 
 def memory_per_process(model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -399,3 +399,10 @@ def test_a_sharded_run_is_evaluated_on_one_or_two_processes_and_exported_to_one_
     whole = torch.load(exported, weights_only=True)
     assert whole["global_step"] == torch.load(final(fsdp_run) / "meta.pt", weights_only=True)["global_step"]
     assert all(torch.equal(whole["model"][k], v) for k, v in consolidated_model(final(fsdp_run)).items())
+
+
+def test_fsdp_with_bf16_mixed_keeps_float32_shards(fork, tmp_path):
+    result = fork.run("train.py", "--root_dir", str(tmp_path), "--fast_run", *FSDP, "--precision", "bf16-mixed")
+    assert result.returncode == 0, result.stderr[-3000:]
+    weights = consolidated_model(final(only_run_dir(tmp_path)))  # gathered in bf16 to compute, kept in float32
+    assert {w.dtype for w in weights.values()} == {torch.float32} and all(w.isfinite().all() for w in weights.values())
