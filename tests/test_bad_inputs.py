@@ -61,6 +61,8 @@ CASES = [
     ("unknown precision", "train", ["--precision", "8-bit"], "--precision '8-bit' is not one of: 32-true"),
     ("zero devices", "train", ["--devices", "0"], "--devices '0' must be a positive count"),
     ("no GPU here", "train", ["--accelerator", "cuda"], "cannot start Fabric with --accelerator cuda"),
+    ("FSDP1 on a CPU", "train", ["--accelerator", "cpu", "--strategy", "fsdp1"], "FSDP is only available on GPU"),
+    ("DeepSpeed not installed", "train", ["--strategy", "deepspeed"], "you must have DeepSpeed installed"),
     ("warmup beyond epochs", "train", ["--epochs", "2", "--warmup", "3"], "--warmup 3.0 must be between 0 and"),
     ("keep no checkpoint", "train", ["--num_checkpoint_keep", "0"], "--num_checkpoint_keep 0 must be >= 1"),
     ("negative workers", "train", ["--num_workers", "-1"], "--num_workers -1 must be >= 0"),

@@ -235,7 +235,7 @@ SLOW_PUBLISH = textwrap.dedent("""
     import checkpoints, train
     flush = checkpoints._fsync
     def slow_fsync(path):
-        if path.is_file():
+        if path.is_file() and (path.name == "meta.pt" or path.parent.name == "checkpoints"):  # once per checkpoint
             time.sleep(7)
         flush(path)
     checkpoints._fsync = slow_fsync
@@ -244,7 +244,7 @@ SLOW_PUBLISH = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn", "fsdp"])
 def test_a_stop_signal_on_two_processes_ends_only_once_the_announced_checkpoint_is_on_disk(fork, tmp_path, strategy):
     from test_resume import wait_for_step
 
@@ -264,9 +264,14 @@ def test_a_stop_signal_on_two_processes_ends_only_once_the_announced_checkpoint_
     assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
     said = re.search(r"Stopped by SIGTERM at step (\d+): (\S+) saved", out)
     assert said and out.count("Stopped by SIGTERM") == 1, out
-    saved = torch.load(said.group(2), weights_only=True)  # announced, then on disk: the run never exited before
-    assert saved["global_step"] == int(said.group(1))
+    from checkpoints import checkpoint_step, verify
+
+    verify(Path(said.group(2)))  # announced, then complete on disk (a file, or FSDP's directory of shards)
+    assert checkpoint_step(Path(said.group(2))) == int(said.group(1))
     assert not list(Path(said.group(2)).parent.glob(".*.tmp"))
+    if strategy == "fsdp":  # and it resumes
+        resumed = fork.run("train.py", "--resume", str(Path(said.group(2)).parents[1]), "--epochs", "1")
+        assert resumed.returncode == 0 and f"step {said.group(1)}" in resumed.stdout, resumed.stderr[-2000:]
 
 
 def test_a_usage_error_on_two_processes_is_one_line(fork, tmp_path):
