@@ -283,7 +283,8 @@ def verify(path: Path) -> None:
     if path.is_dir():
         missing = [name for name in (".metadata", "meta.pt") if not (path / name).is_file()]
         if missing:
-            raise UsageError(f"cannot load checkpoint {path}: an incomplete sharded checkpoint (no {', '.join(missing)})")
+            raise UsageError(f"cannot load checkpoint {path}: an incomplete sharded checkpoint "
+                             f"(no {', '.join(missing)})")
         return  # the shards carry no checksums
     if not path.is_file():  # a device (/dev/zero), a broken link
         raise UsageError(f"cannot load checkpoint {path}: not a regular file")

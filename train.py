@@ -61,7 +61,8 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
         torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
     # The optimizer is made from the parameters after setup: under FSDP they are replaced by their shards.
     model = fabric.setup_module(torch.compile(model) if cfg.hardware.compile else model)
-    optimizer = fabric.setup_optimizers(make_optimizer(model, cfg.optim, lr, fused=fabric.device.type in ("cuda", "cpu")))
+    fused = fabric.device.type in ("cuda", "cpu")
+    optimizer = fabric.setup_optimizers(make_optimizer(model, cfg.optim, lr, fused=fused))
     steps_per_epoch, epochs = sampler.steps_per_epoch, cfg.epochs()
     metrics = task.metrics(info).to(fabric.device)  # the task's validation metrics, logged as val/<name>
 
@@ -210,7 +211,8 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
         draw_curves(run_dir, monitor, mode)  # from the whole run's CSV log, resumed parts included
     saved = ", ".join(sorted(p.name for p in ckpt_dir.glob("*.ckpt")))
     memory = utils.memory_per_process(model, optimizer, fabric.device)  # what sharding (FSDP) divides
-    fabric.log_dict({f"memory/{name}": value for name, value in memory.items()}, step=state["global_step"])
+    if steps:  # once per run that trained (a resume that only finishes the run logs nothing twice)
+        fabric.log_dict({f"memory/{name}": value for name, value in memory.items()}, step=state["global_step"])
     fabric.print(f"Finished {steps} steps in {seconds:.1f}s ({steps / seconds:.1f} steps/s, "
                  f"{steps * cfg.optim.eff_batch_size / seconds:.0f} samples/s, validation and checkpoints included)\n"
                  f"  {best_summary(state['best'])}\n"

@@ -244,7 +244,7 @@ SLOW_PUBLISH = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn", "fsdp"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])  # ddp_spawn: see the killpg test below
 def test_a_stop_signal_on_two_processes_ends_only_once_the_announced_checkpoint_is_on_disk(fork, tmp_path, strategy):
     from test_resume import wait_for_step
 
@@ -255,11 +255,7 @@ def test_a_stop_signal_on_two_processes_ends_only_once_the_announced_checkpoint_
                              "20000", "--log_interval", "1", "--accelerator", "cpu", "--devices", "2", "--strategy",
                              strategy], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=fork.path)
     wait_for_step(root, 3, proc)
-    if strategy == "ddp_spawn":  # to one worker: the launching process does not train
-        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-        os.kill(int(workers[-1]), signal.SIGTERM)
-    else:  # to rank 0, the launching process; rank 1 learns of it at the next step
-        proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)  # to rank 0, the launching process; rank 1 learns of it at the next step
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 143 and "Traceback" not in err, err[-3000:]
     said = re.search(r"Stopped by SIGTERM at step (\d+): (\S+) saved", out)
@@ -269,9 +265,6 @@ def test_a_stop_signal_on_two_processes_ends_only_once_the_announced_checkpoint_
     verify(Path(said.group(2)))  # announced, then complete on disk (a file, or FSDP's directory of shards)
     assert checkpoint_step(Path(said.group(2))) == int(said.group(1))
     assert not list(Path(said.group(2)).parent.glob(".*.tmp"))
-    if strategy == "fsdp":  # and it resumes
-        resumed = fork.run("train.py", "--resume", str(Path(said.group(2)).parents[1]), "--epochs", "1")
-        assert resumed.returncode == 0 and f"step {said.group(1)}" in resumed.stdout, resumed.stderr[-2000:]
 
 
 def test_a_usage_error_on_two_processes_is_one_line(fork, tmp_path):
