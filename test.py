@@ -9,6 +9,8 @@ RUN_DIR/test/metrics.json with the same numbers.
 import json
 from pathlib import Path
 
+import yaml
+
 from lightning.fabric import Fabric
 
 import checkpoints
@@ -40,8 +42,13 @@ def main(fabric: Fabric, cfg: TestConfig) -> None:
 
     results, num_samples = evaluate(fabric, model, loader, task.metrics(info, report=True).to(fabric.device))
     numbers = scalars(results)
+    trained = provenance(run_dir)
     fabric.print(f"Test split of {train_cfg.data.dataset}: {num_samples} samples, "
-                 f"{checkpoint} (epoch {state['epoch']}, step {state['global_step']})\n" +
+                 f"{checkpoint} (epoch {state['epoch']}, step {state['global_step']})\n"
+                 f"Trained by: {trained.get('command', '?')} | commit {trained.get('git_commit', 'none')[:12]}"
+                 f"{' + ' + trained['uncommitted_changes'] if 'uncommitted_changes' in trained else ''} | "
+                 f"torch {trained.get('torch', '?')} on {trained.get('world_size', '?')} x "
+                 f"{(trained.get('devices') or ['?'])[0]}, {trained.get('host', '?')}\n" +
                  "\n".join(f"  {name:<9} {value:.4f}" for name, value in numbers.items()))
     out = run_dir / "test"
     if fabric.is_global_zero:
@@ -50,9 +57,17 @@ def main(fabric: Fabric, cfg: TestConfig) -> None:
     extras = task.report(fabric, model, loader, test_set, info, results, out)
     if fabric.is_global_zero:
         summary = {"checkpoint": str(checkpoint), "epoch": state["epoch"], "global_step": state["global_step"],
-                   "dataset": train_cfg.data.dataset, "num_samples": num_samples, **numbers, **extras}
+                   "dataset": train_cfg.data.dataset, "num_samples": num_samples, **numbers, **extras,
+                   "provenance": trained}
         utils.atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
         print(f"Wrote {out / 'metrics.json'}; {out} holds: {', '.join(sorted(p.name for p in out.iterdir()))}")
+
+
+def provenance(run_dir: Path) -> dict:
+    """The newest entry of RUN_DIR/provenance.yaml: how the launch that trained last was run ({} if none)."""
+    path = run_dir / "provenance.yaml"
+    entries = yaml.safe_load(path.read_text()) if path.is_file() else None
+    return entries[-1] if entries else {}
 
 
 def find_checkpoint(run_dir: Path, which: str) -> Path:

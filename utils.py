@@ -3,12 +3,15 @@
 Nothing here knows the task: what a batch holds, the loss and the metrics live in task.py (see the README).
 """
 
+import contextlib
 import csv
 import fcntl
 import io
 import multiprocessing
 import os
+import platform
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -21,6 +24,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
+import lightning
 import torch
 import yaml
 from lightning.fabric import Fabric
@@ -330,6 +334,8 @@ def create_run_dir(fabric: Fabric, cfg: TrainConfig, step: int, lr_schedule: dic
     if fabric.global_rank == 0:
         try:
             run_dir, problem = _prepare_run_dir(cfg, step, lr_schedule)
+            if problem is None:
+                record_provenance(run_dir, step, fabric.world_size)
             problem = problem and UsageError(problem)
         except OSError as err:  # the filesystem refused: every rank stops with the same line and exit code
             problem = FilesystemError.of(err)
@@ -364,6 +370,43 @@ def _prepare_run_dir(cfg: TrainConfig, step: int, lr_schedule: dict[str, Any]) -
     if not config_path.exists() or config_path.read_text() != to_yaml(ran):
         atomic_write_text(config_path, to_yaml(ran))
     return run_dir, None
+
+
+def record_provenance(run_dir: Path, step: int, world_size: int) -> dict[str, Any]:
+    """Append what this launch ran to RUN_DIR/provenance.yaml (one entry per launch: the first, and each resume):
+    the command line, the versions, the machine, the world size and, from a git checkout, the commit, with the
+    uncommitted changes to tracked files saved beside it as code-N.patch."""
+    path = run_dir / "provenance.yaml"
+    history = yaml.safe_load(path.read_text()) if path.is_file() else []
+    entry: dict[str, Any] = {
+        "step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(map(shlex.quote, ["python", *sys.argv])),
+        "host": socket.gethostname(), "world_size": world_size, "python": platform.python_version(),
+        "torch": str(torch.__version__), "lightning": lightning.__version__, "cuda": torch.version.cuda,
+        "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] or [_cpu_model()]}
+    code = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(code), *args], capture_output=True, text=True, timeout=30,
+                                  check=True).stdout
+        except (OSError, subprocess.SubprocessError):  # no git, or not a checkout
+            return ""
+
+    if commit := git("rev-parse", "HEAD").strip():
+        entry["git_commit"] = commit
+        if patch := git("diff", "HEAD"):
+            entry["uncommitted_changes"] = f"code-{len(history)}.patch"
+            atomic_write_text(run_dir / entry["uncommitted_changes"], patch)
+    atomic_write_text(path, yaml.safe_dump([*history, entry], sort_keys=False))
+    return entry
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def set_aside_damaged(fabric: Fabric, run_dir: Path, damaged: list[Path]) -> None:

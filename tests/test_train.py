@@ -402,3 +402,26 @@ def test_the_eta_leaves_out_the_first_step_which_pays_for_one_time_work(monkeypa
         progress.log(1, 10, 0.5, 1e-3, 100.0)
     # 1000 steps to go at 0.5 s each: 500 s, not the 6.7 hours an average over the first step would say.
     assert "step 10/1010 loss 0.5000 lr 0.001 100 samples/s eta 00:08:20" in capsys.readouterr().out
+
+
+def test_every_run_records_its_provenance_and_test_py_names_it(fork, tmp_path):
+    checkout = tmp_path / "checkout"  # the template as a user has it: a git checkout, with a change not committed
+    shutil.copytree(fork.path, checkout, ignore=shutil.ignore_patterns("__pycache__"))
+    git = ["git", "-C", str(checkout), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "the template"]):
+        subprocess.run([*git, *args], check=True, capture_output=True)
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    with open(checkout / "task.py", "a") as f:
+        f.write("# an experiment in progress\n")
+    trained = run_script("train.py", "--root_dir", str(tmp_path / "runs"), "--fast_run", cwd=checkout)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    run_dir = only_run_dir(tmp_path / "runs")
+    (entry,) = yaml.safe_load((run_dir / "provenance.yaml").read_text())
+    assert entry["command"] == f"python {checkout / 'train.py'} --root_dir {tmp_path / 'runs'} --fast_run"
+    assert (entry["git_commit"], entry["world_size"], entry["torch"]) == (commit, 1, str(torch.__version__))
+    assert entry["devices"] and entry["host"] and entry["python"] == sys.version.split()[0]
+    assert "+# an experiment in progress" in (run_dir / entry["uncommitted_changes"]).read_text()
+    tested = run_script("test.py", "--out_dir", str(run_dir), "--checkpoint", "final", cwd=checkout)
+    assert tested.returncode == 0, tested.stderr[-2000:]
+    assert f"| commit {commit[:12]} + code-0.patch | torch {torch.__version__} on 1 x " in tested.stdout
+    assert json.loads((run_dir / "test" / "metrics.json").read_text())["provenance"] == entry
