@@ -394,7 +394,7 @@ def record_provenance(run_dir: Path, step: int, world_size: int) -> dict[str, An
 
     if commit := git("rev-parse", "HEAD").strip():
         entry["git_commit"] = commit
-        if patch := git("diff", "HEAD"):
+        if patch := git("diff", "HEAD", "--", "."):  # the template's own files, even inside a larger repository
             entry["uncommitted_changes"] = f"code-{len(history)}.patch"
             atomic_write_text(run_dir / entry["uncommitted_changes"], patch)
     atomic_write_text(path, yaml.safe_dump([*history, entry], sort_keys=False))
