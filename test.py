@@ -44,12 +44,12 @@ def main(fabric: Fabric, cfg: TestConfig) -> None:
     numbers = scalars(results)
     trained = provenance(run_dir)
     fabric.print(f"Test split of {train_cfg.data.dataset}: {num_samples} samples, "
-                 f"{checkpoint} (epoch {state['epoch']}, step {state['global_step']})\n"
-                 f"Trained by: {trained.get('command', '?')} | commit {trained.get('git_commit', 'none')[:12]}"
+                 f"{checkpoint} (epoch {state['epoch']}, step {state['global_step']})\n" +
+                 "\n".join(f"  {name:<9} {value:.4f}" for name, value in numbers.items()) +
+                 f"\nTrained by: {trained.get('command', '?')} | commit {trained.get('git_commit', 'none')[:12]}"
                  f"{' + ' + trained['uncommitted_changes'] if 'uncommitted_changes' in trained else ''} | "
                  f"torch {trained.get('torch', '?')} on {trained.get('world_size', '?')} x "
-                 f"{(trained.get('devices') or ['?'])[0]}, {trained.get('host', '?')}\n" +
-                 "\n".join(f"  {name:<9} {value:.4f}" for name, value in numbers.items()))
+                 f"{(trained.get('devices') or ['?'])[0]}, {trained.get('host', '?')}")
     out = run_dir / "test"
     if fabric.is_global_zero:
         out.mkdir(exist_ok=True)

@@ -55,10 +55,10 @@ CRASH_RUNNER = textwrap.dedent("""
     sys.path.insert(0, os.getcwd())
     import lightning.fabric, checkpoints, train
 
-    def crash_on_call(owner, name, n, before=None, signum=signal.SIGKILL):
+    def crash_on_call(owner, name, n, before=None, signum=signal.SIGKILL, counts=lambda *args, **kwargs: True):
         original, calls = getattr(owner, name), [0]
         def wrapper(*args, **kwargs):
-            calls[0] += 1
+            calls[0] += counts(*args, **kwargs)
             if calls[0] == n:
                 if before: before(*args, **kwargs)
                 os.kill(os.getpid(), signum)
@@ -76,7 +76,9 @@ CRASH_RUNNER = textwrap.dedent("""
     if when == "mid_write":
         crash_on_call(lightning.fabric.Fabric, "save", n, before=half_written)
     elif when == "before_rename":
-        crash_on_call(checkpoints.os, "replace", n)
+        from pathlib import Path  # only the renames that publish a checkpoint count, not config or log writes
+        publishes = lambda src, dst, *args, **kwargs: Path(dst).parent.name == "checkpoints"
+        crash_on_call(checkpoints.os, "replace", n, counts=publishes)
     elif when == "disk_full":  # the n-th checkpoint write finds the disk full
         import errno, torch
         save, saves = torch.save, [0]
