@@ -54,3 +54,18 @@ def test_activation_checkpointing_gives_the_same_training_with_the_same_checkpoi
     assert recomputed.keys() == plain.keys()  # no wrapper names: test.py and resume see the plain model
     assert all(torch.equal(recomputed[k], plain[k]) for k in plain)  # the same gradients, to the bit
     assert run_cli("test", "--out_dir", str(recomputed_run), "--checkpoint", "final") == 0
+
+
+def test_activation_checkpointing_recomputes_each_block_in_the_backward_pass():
+    import utils
+    from data import DataInfo
+    from model import ArchConfig, build_model
+
+    model = build_model(ArchConfig(), DataInfo(10, 1, ()))
+    utils.checkpoint_activations(model)
+    assert [type(block).__name__ for block in model.children()] == ["CheckpointWrapper", "CheckpointWrapper"]
+    forwards = []  # a block's forward runs again during backward: that is the recomputation
+    conv = model.features._checkpoint_wrapped_module[0]
+    conv.forward = lambda x, forward=conv.forward: forwards.append(True) or forward(x)
+    model(torch.randn(2, 1, 8, 8)).sum().backward()
+    assert len(forwards) == 2
