@@ -217,6 +217,53 @@ def load_newest_checkpoint(fabric: Fabric, run_dir: Path, state: dict[str, Any])
     raise UsageError(f"--resume {str(run_dir)!r} has no loadable checkpoint in {ckpt_dir}{skipped}")
 
 
+def init_weights(model: torch.nn.Module, source: Path) -> str:
+    """--init_from: load the weights of `source` (a checkpoint, a run's best.ckpt, or a plain state dict file) into
+    `model` wherever a name and a shape match; the rest keeps its fresh initialisation (a new head for another
+    number of classes). Only weights: no optimizer state, step, schedule or RNG. Returns what was loaded and what
+    was not, one line each."""
+    path = source / "checkpoints" / "best.ckpt" if (source / "config.yaml").is_file() else source
+    weights, what = _weights_of(path)
+    own = model.state_dict()
+    fits = {name: value for name, value in weights.items() if name in own and value.shape == own[name].shape}
+    if not fits:
+        raise UsageError(f"--init_from {str(source)!r}: none of its {len(weights)} tensors fits the model by name and "
+                         f"shape (it has e.g. {', '.join(list(weights)[:3])}; the model: {', '.join(list(own)[:3])})")
+    model.load_state_dict(fits, strict=False)
+    lines = [f"--init_from {path}: {len(fits)} of the model's {len(own)} tensors loaded, {what}"]
+    for label, names in [
+        ("different shape, freshly initialised", [f"{name} {list(weights[name].shape)} -> {list(own[name].shape)}"
+                                                  for name in own if name in weights and name not in fits]),
+        ("not in the checkpoint, freshly initialised", [name for name in own if name not in weights]),
+        ("in the checkpoint only, ignored", [name for name in weights if name not in own])]:
+        if names:
+            lines.append(f"  {label}: {', '.join(names[:8])}{f' and {len(names) - 8} more' if len(names) > 8 else ''}")
+    return "\n".join(lines)
+
+
+def _weights_of(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The weights a checkpoint holds (its EMA of them where it kept one: the weights its validation judged) and
+    where they come from, in words; or a plain state dict's."""
+    from ema import averaged_weights
+
+    verify(path)
+    try:
+        loaded = _load_distributed_checkpoint(path) if path.is_dir() else torch.load(
+            path, mmap=True, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - not a checkpoint that loads safely: say why, in one line
+        reason = " ".join(str(err).split()).split(". ")[0]
+        raise UsageError(f"--init_from {path}: cannot load it: {reason[:300]}") from None
+    if isinstance(loaded, dict) and isinstance(loaded.get("model"), dict):  # a checkpoint of this template
+        step = f"step {loaded.get('global_step', '?')}"
+        if "ema" in loaded:
+            return {**loaded["model"], **averaged_weights(loaded)}, f"the EMA of the weights at {step}"
+        return loaded["model"], f"the weights at {step}"
+    weights = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None  # a state dict (or Lightning's)
+    if not isinstance(weights, dict) or not all(isinstance(value, torch.Tensor) for value in weights.values()):
+        raise UsageError(f"--init_from {path}: neither a checkpoint of this template nor a state dict of tensors")
+    return weights, "a state dict"
+
+
 def set_aside(damaged: list[Path]) -> list[Path]:
     """Move damaged checkpoints into checkpoints/damaged/ (kept, never deleted, and out of the rotation, which
     would otherwise rank them as the newest and delete good ones); returns their new paths."""

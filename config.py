@@ -32,6 +32,7 @@ ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps", "tpu")
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp", "fsdp1", "deepspeed", "dp")
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "transformer-engine")
 CHECKPOINT_CHOICES = ("best", "last", "final")
+WEIGHTS = ("auto", "ema", "raw")
 
 # Fields that a `--resume` may not change: the checkpoint or the data split would no longer fit the run (and
 # --fast_run would turn a real run into a finished smoke test). The task's
@@ -94,6 +95,9 @@ class OptimConfig:
     """Weight decay."""
     grad_clip: float = 1.0
     """Clip the gradient norm to this value; 0 disables clipping."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the weights with this decay (e.g. 0.999), warmed up as
+    min(decay, (1 + step) / (10 + step)); validation, best.ckpt and test.py then use it. 0: off."""
 
     def learning_rate(self) -> float:
         """The learning rate used: `lr` when given, else base_lr scaled by the rule."""
@@ -153,6 +157,11 @@ class LogConfig:
     monitor_mode: str = "auto"
     """Whether best.ckpt has the monitored metric's min or max; auto: min for a loss, else the metric's
     higher_is_better."""
+    early_stopping_patience: int = 0
+    """Stop once the monitored metric has not improved by more than early_stopping_min_delta for this many
+    epochs in a row (a checkpoint and final.ckpt are saved); 0: never stop early."""
+    early_stopping_min_delta: float = 0.0
+    """The smallest change of the monitored metric that counts as an improvement for early stopping."""
 
     def log_every_n_steps(self, steps_per_epoch: int) -> int:
         if self.log_per_epoch > 0:
@@ -178,6 +187,13 @@ class TrainConfig:
     """RUN_DIR of an earlier run to continue from its newest checkpoint, with its saved config; or auto: the
     newest unfinished run under root_dir named *-OUT_DIR, else a new run; or a checkpoint file of a run
     (RUN_DIR/checkpoints/step-N.ckpt): a new run dir continues from it, and the run stays as it was."""
+    init_from: str = ""
+    """Start a new run from these weights (fine-tuning): a checkpoint file, a RUN_DIR (its best.ckpt) or a state
+    dict file. Tensors load where name and shape match (a new head keeps its fresh initialisation); the optimizer,
+    step and schedule start fresh."""
+    max_time: str = ""
+    """Time budget DD:HH:MM:SS (e.g. 00:04:00:00), counted from the process's start: the run saves a checkpoint and
+    exits with code 75 before it is spent; --resume continues it. Empty: none."""
     requeue: bool = False
     """Under SLURM, after a signal-triggered checkpoint, requeue the job (scontrol requeue $SLURM_JOB_ID)."""
     logger_name: list[str] = field(default_factory=lambda: ["csv"])
@@ -193,6 +209,13 @@ class TrainConfig:
     def epochs(self) -> int:
         return 1 if self.fast_run else self.optim.epochs
 
+    def time_budget(self) -> Optional[float]:
+        """--max_time in seconds, None if not given."""
+        if not self.max_time:
+            return None
+        days, hours, minutes, seconds = (int(part) for part in self.max_time.split(":"))
+        return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+
     def log_every_n_steps(self, steps_per_epoch: int) -> int:
         """--fast_run logs every step, so that the smoke test goes through the training log too."""
         return 1 if self.fast_run else self.log.log_every_n_steps(steps_per_epoch)
@@ -205,7 +228,10 @@ class TestConfig:
     out_dir: str = ""
     """RUN_DIR of the run to evaluate (required)."""
     checkpoint: str = "best"
-    """Which weights: best, last (newest periodic), final, or a path to a .ckpt file."""
+    """Which checkpoint: best, last (newest periodic), final, or a path to a .ckpt file."""
+    weights: str = "auto"
+    """Which of its weights: ema (the average that --ema_decay kept), raw (the trained weights themselves), or auto:
+    the ones validation judged (ema when the run kept one)."""
     accelerator: str = "auto"
     """Accelerator: auto, cpu, cuda, gpu, mps or tpu."""
     devices: str = "1"
@@ -233,6 +259,14 @@ def validate(cfg: TrainConfig) -> list[str]:
           f"--root_dir {cfg.root_dir!r} is not a directory")
     check(cfg.out_dir != "" and "/" not in cfg.out_dir and cfg.out_dir not in (".", ".."),
           f"--out_dir {cfg.out_dir!r} must be a plain, non-empty directory name")
+    check(not cfg.init_from or Path(cfg.init_from).exists(), f"--init_from {cfg.init_from!r}: no such checkpoint, "
+          "run directory or state dict file")
+    check(not cfg.init_from or not (Path(cfg.init_from) / "config.yaml").is_file() or
+          (Path(cfg.init_from) / "checkpoints" / "best.ckpt").exists(),
+          f"--init_from {cfg.init_from!r}: the run has no checkpoints/best.ckpt yet; pass one of its checkpoint files")
+    check(cfg.max_time == "" or (re.fullmatch(r"\d+:\d+:\d+:\d+", cfg.max_time) is not None and
+                                 cfg.time_budget() > 0),
+          f"--max_time {cfg.max_time!r} must be a time budget DD:HH:MM:SS longer than 0, e.g. 00:04:00:00")
     check(len(cfg.logger_name) > 0, "--logger_name needs at least one of: " + ", ".join(LOGGERS))
     for name in cfg.logger_name:
         one_of("logger_name", name, LOGGERS)
@@ -257,6 +291,7 @@ def validate(cfg: TrainConfig) -> list[str]:
     one_of("optimizer", opt.optimizer, OPTIMIZERS)
     check(opt.weight_decay >= 0, f"--weight_decay {opt.weight_decay} must be >= 0")
     check(opt.grad_clip >= 0, f"--grad_clip {opt.grad_clip} must be >= 0 (0 disables clipping)")
+    check(0 <= opt.ema_decay < 1, f"--ema_decay {opt.ema_decay} must be in [0, 1) (0 disables the EMA)")
     check(log.log_interval >= 1, f"--log_interval {log.log_interval} must be >= 1")
     check(log.log_per_epoch >= 0, f"--log_per_epoch {log.log_per_epoch} must be >= 0")
     check(log.checkpoint_frequency >= 1, f"--checkpoint_frequency {log.checkpoint_frequency} must be >= 1")
@@ -266,6 +301,9 @@ def validate(cfg: TrainConfig) -> list[str]:
     check(log.monitor == "" or log.monitor.startswith("val/"),
           f"--monitor {log.monitor!r} must name a validation metric: val/loss or val/<metric>")
     one_of("monitor_mode", log.monitor_mode, MONITOR_MODES)
+    check(log.early_stopping_patience >= 0,
+          f"--early_stopping_patience {log.early_stopping_patience} must be >= 0 (0 disables early stopping)")
+    check(log.early_stopping_min_delta >= 0, f"--early_stopping_min_delta {log.early_stopping_min_delta} must be >= 0")
     return problems
 
 
@@ -277,6 +315,8 @@ def validate_test(cfg: TestConfig) -> list[str]:
         problems.append(f"--accelerator {cfg.accelerator!r} is not one of: {', '.join(ACCELERATORS)}")
     if cfg.batch_size < 1:
         problems.append(f"--batch_size {cfg.batch_size} must be >= 1")
+    if cfg.weights not in WEIGHTS:
+        problems.append(f"--weights {cfg.weights!r} is not one of: {', '.join(WEIGHTS)}")
     return problems
 
 
@@ -414,6 +454,13 @@ def parse_train_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
         if locked:
             raise UsageError(f"--resume cannot change {', '.join(locked)}: the checkpoint would not fit. "
                              "Start a new run instead")
+        if cfg.init_from != saved.init_from:
+            raise UsageError(f"--init_from {cfg.init_from!r} with --resume: a resumed run continues from its own "
+                             "checkpoint, while --init_from starts a new run from other weights; pass one of them")
+        if cfg.optim.ema_decay and not saved.optim.ema_decay:
+            raise UsageError(f"--ema_decay {cfg.optim.ema_decay}: the run was trained without an EMA, so its "
+                             f"checkpoints hold none to continue; start a new run from its weights with "
+                             f"--init_from {resumed_run(cfg.resume)} --ema_decay {cfg.optim.ema_decay}")
     return _validated(cfg)
 
 

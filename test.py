@@ -16,8 +16,9 @@ from lightning.fabric import Fabric
 import checkpoints
 import task
 import utils
-from config import CHECKPOINT_CHOICES, TestConfig, load_train_config, parse_test_config
+from config import CHECKPOINT_CHOICES, TestConfig, TrainConfig, load_train_config, parse_test_config
 from data import load_splits
+from ema import EMA
 from errors import UsageError, exit_on_usage_error
 from loaders import make_eval_loader
 from model import build_model
@@ -37,14 +38,17 @@ def main(fabric: Fabric, cfg: TestConfig) -> None:
     with fabric.init_module(empty_init=True):  # the checkpoint has the weights: none are downloaded or initialised
         model = build_model(train_cfg.arch, info, pretrained=False)
     model = fabric.setup(model)
-    state = {"model": model, "epoch": 0, "global_step": 0}
+    ema = EMA(model, train_cfg.optim.ema_decay) if use_ema(cfg.weights, train_cfg) else None
+    state = {"model": model, "epoch": 0, "global_step": 0, **({"ema": ema} if ema else {})}
     checkpoints.load_checkpoint(fabric, checkpoint, state)
+    if ema:
+        ema.swap()  # from here on the model holds the averaged weights: the numbers and the report are theirs
 
     results, num_samples = evaluate(fabric, model, loader, task.metrics(info, report=True).to(fabric.device))
-    numbers = scalars(results)
     trained = provenance(run_dir)
+    numbers, weights = scalars(results), "ema" if ema else "raw"
     fabric.print(f"Test split of {train_cfg.data.dataset}: {num_samples} samples, "
-                 f"{checkpoint} (epoch {state['epoch']}, step {state['global_step']})\n" +
+                 f"{checkpoint} (epoch {state['epoch']}, step {state['global_step']}, {weights} weights)\n" +
                  "\n".join(f"  {name:<9} {value:.4f}" for name, value in numbers.items()) +
                  f"\nTrained by: {trained.get('command', '?')} | commit {trained.get('git_commit', 'none')[:12]}"
                  f"{' + ' + trained['uncommitted_changes'] if 'uncommitted_changes' in trained else ''} | "
@@ -56,11 +60,19 @@ def main(fabric: Fabric, cfg: TestConfig) -> None:
     fabric.barrier()
     extras = task.report(fabric, model, loader, test_set, info, results, out)
     if fabric.is_global_zero:
-        summary = {"checkpoint": str(checkpoint), "epoch": state["epoch"], "global_step": state["global_step"],
+        summary = {"checkpoint": str(checkpoint), "weights": weights, "epoch": state["epoch"],
+                   "global_step": state["global_step"],
                    "dataset": train_cfg.data.dataset, "num_samples": num_samples, **numbers, **extras,
                    "provenance": trained}
         utils.atomic_write_text(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
         print(f"Wrote {out / 'metrics.json'}; {out} holds: {', '.join(sorted(p.name for p in out.iterdir()))}")
+
+
+def use_ema(weights: str, train_cfg: TrainConfig) -> bool:
+    """Whether --weights asks for the EMA: ema, or auto on a run that kept one (the weights validation judged)."""
+    if weights == "ema" and not train_cfg.optim.ema_decay:
+        raise UsageError("--weights ema: the run kept no EMA of its weights (its --ema_decay is 0); use raw or auto")
+    return weights == "ema" or (weights == "auto" and train_cfg.optim.ema_decay > 0)
 
 
 def provenance(run_dir: Path) -> dict:
@@ -95,7 +107,9 @@ def cli(argv: list[str] | None = None) -> None:
     with exit_on_usage_error():
         cfg = parse_test_config(argv)
         checkpoint = find_checkpoint(Path(cfg.out_dir), cfg.checkpoint)  # fail before any process starts
-        precision = load_train_config(Path(cfg.out_dir) / "config.yaml").hardware.precision
+        train_cfg = load_train_config(Path(cfg.out_dir) / "config.yaml")
+        use_ema(cfg.weights, train_cfg)  # a run without an EMA fails here, before any process starts
+        precision = train_cfg.hardware.precision
         strategy = "fsdp" if checkpoint.is_dir() else "auto"  # a sharded checkpoint loads into a sharded model
         utils.launch(utils.make_fabric(cfg.accelerator, cfg.devices, strategy=strategy, precision=precision), main, cfg)
 

@@ -5,6 +5,7 @@ Everything that can fail on bad input fails before the run directory is created,
 The loop never looks inside a batch: task.forward turns it into a loss, and task.metrics says what to measure.
 """
 
+import contextlib
 import math
 import sys
 import time
@@ -22,6 +23,7 @@ import task
 import utils
 from config import LogConfig, OptimConfig, TrainConfig, is_checkpoint, parse_train_config
 from data import load_splits
+from ema import EMA
 from errors import NonFiniteLoss, UsageError, exit_on_usage_error, started_by_launcher
 from loaders import GlobalBatchSampler, make_eval_loader, make_train_loader
 from model import build_model
@@ -51,6 +53,8 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
     fabric.seed_everything(cfg.seed)  # the same initial weights on every rank
     with fabric.rank_zero_first(local=True), fabric.init_module():  # --pretrained weights: one download per node
         model = build_model(cfg.arch, info)
+    if cfg.init_from:  # a new run from other weights (fine-tuning): only the weights, nothing else of that run
+        fabric.print(checkpoints.init_weights(model, Path(cfg.init_from)))
     if fabric.global_rank > 0:  # from here on, each rank its own random stream (dropout masks, augmentation)
         seed_everything(cfg.seed + fabric.global_rank, verbose=False)
     if cfg.hardware.activation_checkpointing:
@@ -63,6 +67,7 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
     model = fabric.setup_module(torch.compile(model) if cfg.hardware.compile else model)
     fused = fabric.device.type in ("cuda", "cpu")
     optimizer = fabric.setup_optimizers(make_optimizer(model, cfg.optim, lr, fused=fused))
+    ema = EMA(model, cfg.optim.ema_decay) if cfg.optim.ema_decay else None  # what validation and best.ckpt judge
     steps_per_epoch, epochs = sampler.steps_per_epoch, cfg.epochs()
     metrics = task.metrics(info).to(fabric.device)  # the task's validation metrics, logged as val/<name>
 
@@ -76,7 +81,8 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
     state = {"model": model, "optimizer": optimizer, "epoch": 0, "sample_offset": 0, "global_step": 0,
              "schedule": lr_schedule(cfg.optim, epochs, steps_per_epoch),
              "best": {"metric": monitor, "mode": mode, "value": None, "epoch": 0},
-             "loss_sum": torch.zeros((), device=fabric.device), "loss_count": 0}
+             "patience": {"value": None, "stale_epochs": 0},  # early stopping: epochs without a real improvement
+             "loss_sum": torch.zeros((), device=fabric.device), "loss_count": 0, **({"ema": ema} if ema else {})}
     flops_per_batch = utils.training_flops(lambda: build_model(cfg.arch, info, pretrained=False), task.forward,
                                            first_batch)
     if cfg.resume:
@@ -95,6 +101,11 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
             fabric.print(f"best.ckpt so far followed the {before['mode']} {before['metric']}; from now on it follows "
                          f"the {mode} {monitor}")
             state["best"] = {"metric": monitor, "mode": mode, "value": None, "epoch": 0}
+            state["patience"] = {"value": None, "stale_epochs": 0}
+        if checkpoint.name == "final.ckpt" and out_of_patience(state, cfg.log):
+            fabric.print(f"The run stopped early at epoch {state['epoch']}: {out_of_patience(state, cfg.log)}; pass a "
+                         "larger --early_stopping_patience to train further.")
+            return
         if state["epoch"] >= epochs and checkpoint.name == "final.ckpt":
             fabric.print(f"The run already finished its {epochs} epochs; pass a larger --epochs to train further.")
             return
@@ -122,7 +133,8 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
                  f"= {cfg.optim.eff_batch_size} per optimizer step | lr {lr:.4g} ({cfg.optim.lr_rule()})\n"
                  f"  {cfg.arch.model}, {sum(p.numel() for p in model.parameters()):,} parameters | {cfg.data.dataset}, "
                  f"{steps_per_epoch} steps/epoch x {epochs} epochs | {where}\n"
-                 f"  best.ckpt: {mode} {monitor}")
+                 f"  best.ckpt: {mode} {monitor}" +
+                 (f" of the EMA weights (decay {cfg.optim.ema_decay:g})" if ema else ""))
 
     def save_checkpoint(*names: str) -> None:
         """Written once; further names are hard links to the same file. Periodic ones (step-N) rotate."""
@@ -132,10 +144,11 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
                                     keep=cfg.log.num_checkpoint_keep)
 
     log_every, ckpt_every = cfg.log_every_n_steps(steps_per_epoch), cfg.log.checkpoint_every_n_steps
+    eval_batches = FAST_RUN_BATCHES if cfg.fast_run else None  # None: all of them
     throughput = ThroughputMonitor(fabric, window_size=3)  # samples/s over the last 2 log intervals; MFU on GPUs
     flops_per_step = None if flops_per_batch is None else flops_per_batch * accum_steps
-    stop = utils.StopSignals()
-    start_time, start_step = time.perf_counter(), state["global_step"]
+    stop = utils.StopSignals(cfg.time_budget())
+    start_time, start_step, stopped_early = time.perf_counter(), state["global_step"], ""
     with utils.Progress(fabric, epochs * steps_per_epoch, state["global_step"]) as progress:
         for epoch in range(state["epoch"], epochs):
             model.train()
@@ -160,6 +173,8 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
                     group["lr"] = lr_now
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if ema:
+                    ema.update(state["global_step"])
                 state["global_step"] += 1
                 state["sample_offset"] += cfg.optim.eff_batch_size
                 progress.update()
@@ -187,22 +202,27 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
                 if signum:
                     utils.stop_after_signal(fabric, cfg, signum, ckpt_dir / f"step-{state['global_step']:08d}.ckpt")
 
-            val = scalars(evaluate(fabric, model, val_loader, metrics, FAST_RUN_BATCHES if cfg.fast_run else None)[0])
+            with ema.swapped_in() if ema else contextlib.nullcontext():
+                val = scalars(evaluate(fabric, model, val_loader, metrics, eval_batches)[0])
             state["epoch"], state["sample_offset"] = epoch + 1, 0
             fabric.log_dict({**{f"val/{name}": value for name, value in val.items()}, "epoch": epoch + 1},
                             step=state["global_step"])
             progress.write(f"epoch {epoch + 1}/{epochs} step {state['global_step']} " +
                            " ".join(f"val {name} {value:.4f}" for name, value in val.items()))
-            names, signum = [], stop.agreed(fabric)
-            if signum or state["epoch"] % cfg.log.checkpoint_frequency == 0:
-                names.append(f"step-{state['global_step']:08d}.ckpt")
             score = val[monitor.removeprefix("val/")]
+            count_patience(state["patience"], score, mode, cfg.log.early_stopping_min_delta)
+            stopped_early = fabric.broadcast(out_of_patience(state, cfg.log))  # rank 0's decision, for every rank
+            names, signum = [], stop.agreed(fabric)
+            if signum or stopped_early or state["epoch"] % cfg.log.checkpoint_frequency == 0:
+                names.append(f"step-{state['global_step']:08d}.ckpt")
             if improves(score, state["best"]["value"], mode):
                 state["best"].update(value=score, epoch=epoch + 1)
                 names.append("best.ckpt")
             save_checkpoint(*names)
             if signum:
                 utils.stop_after_signal(fabric, cfg, signum, ckpt_dir / names[0])
+            if stopped_early:
+                break
 
     save_checkpoint("final.ckpt")
     checkpoints.wait_for_checkpoints()  # on disk before the run says it is finished
@@ -211,11 +231,12 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
         draw_curves(run_dir, monitor, mode)  # from the whole run's CSV log, resumed parts included
     saved = ", ".join(sorted(p.name for p in ckpt_dir.glob("*.ckpt")))
     memory = utils.memory_per_process(model, optimizer, fabric.device)  # what sharding (FSDP) divides
+    stop_note = f"  stopped early after epoch {state['epoch']} of {epochs}: {stopped_early}\n" if stopped_early else ""
     if steps:  # once per run that trained (a resume that only finishes the run logs nothing twice)
         fabric.log_dict({f"memory/{name}": value for name, value in memory.items()}, step=state["global_step"])
     fabric.print(f"Finished {steps} steps in {seconds:.1f}s ({steps / seconds:.1f} steps/s, "
                  f"{steps * cfg.optim.eff_batch_size / seconds:.0f} samples/s, validation and checkpoints included)\n"
-                 f"  {best_summary(state['best'])}\n"
+                 f"  {best_summary(state['best'])}\n" + stop_note +
                  f"  memory on rank 0: " + ", ".join(f"{name} {value:.1f} MiB" for name, value in memory.items()) + "\n"
                  f"  checkpoints: {saved}\n  curves: {run_dir / 'curves.png'} | logs: {run_dir / 'logs'}\n"
                  f"Run dir: {run_dir}\nEvaluate: python test.py --out_dir {run_dir}")
@@ -224,7 +245,8 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
         test_loader = fabric.setup_dataloaders(
             make_eval_loader(test_set, batch_size, fabric.global_rank, fabric.world_size, cfg.hardware.num_workers),
             use_distributed_sampler=False)
-        test = scalars(evaluate(fabric, model, test_loader, metrics, FAST_RUN_BATCHES)[0])  # evaluate resets them
+        with ema.swapped_in() if ema else contextlib.nullcontext():
+            test = scalars(evaluate(fabric, model, test_loader, metrics, FAST_RUN_BATCHES)[0])  # evaluate resets them
         fabric.print("fast_run test batches: " + ", ".join(f"{name} {value:.4f}" for name, value in test.items()))
 
 
@@ -280,6 +302,25 @@ def best_summary(best: dict[str, Any]) -> str:
     return f"best {best['metric']} {best['value']:.4f} at epoch {best['epoch']}"
 
 
+def count_patience(patience: dict[str, Any], score: float, mode: str, min_delta: float) -> None:
+    """Early stopping's count: an epoch whose `score` beats the reference by more than `min_delta` becomes the new
+    reference; any other (a NaN included) is one more stale epoch."""
+    reference = patience["value"]
+    if reference is None or (score - reference > min_delta if mode == "max" else reference - score > min_delta):
+        patience.update(value=score, stale_epochs=0)
+    else:
+        patience["stale_epochs"] += 1
+
+
+def out_of_patience(state: dict[str, Any], cfg: LogConfig) -> str:
+    """Why the run stops early, in words, or "" to go on."""
+    stale, patience = state["patience"]["stale_epochs"], cfg.early_stopping_patience
+    if not 0 < patience <= stale:
+        return ""
+    return (f"{state['best']['metric']} has not improved by more than {cfg.early_stopping_min_delta:g} for {stale} "
+            f"epochs (--early_stopping_patience {patience})")
+
+
 def improves(score: float, best: float | None, mode: str) -> bool:
     """Whether `score` beats `best` (None: nothing yet). A NaN never beats a number, and any score beats a NaN."""
     if best is None or math.isnan(best):
@@ -328,8 +369,9 @@ def continue_schedule(state: dict[str, Any], cfg: OptimConfig, epochs: int, step
 
 
 def cli(argv: list[str] | None = None) -> None:
-    """`python train.py ...`: exit code 0 when done, 2 for bad input, 3 for a non-finite loss, and 128 + N
-    after a checkpoint asked for by signal N (143 SIGTERM, 138 SIGUSR1, 130 Ctrl-C)."""
+    """`python train.py ...`: exit code 0 when done, 2 for bad input, 3 for a non-finite loss, 128 + N after a
+    checkpoint asked for by signal N (143 SIGTERM, 138 SIGUSR1, 130 Ctrl-C), and 75 after the checkpoint saved
+    before the --max_time budget ran out (--resume continues the run)."""
     with exit_on_usage_error():
         cfg = parse_train_config(argv)
         hw = cfg.hardware
@@ -340,7 +382,7 @@ def cli(argv: list[str] | None = None) -> None:
             utils.launch(fabric, main, cfg)
             status = "success"
         except utils.Preempted as stopped:  # the checkpoint is on disk, and the run said so (stop_after_signal)
-            sys.exit(0 if started_by_launcher() else 128 + stopped.signum)
+            sys.exit(0 if started_by_launcher() else stopped.exit_code)
         finally:
             for logger in fabric.loggers:  # flush what is buffered, whatever happened
                 logger.finalize(status)

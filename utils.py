@@ -46,23 +46,40 @@ from config import TrainConfig, is_checkpoint, load_train_config, overrides, res
 from errors import LAUNCHER_ENV, FilesystemError, UsageError
 
 
+OUT_OF_TIME = 1000  # what StopSignals.agreed returns when the time budget is nearly spent (above any signal number)
+OUT_OF_TIME_EXIT_CODE = 75  # EX_TEMPFAIL, "try again later": --resume continues the run
+
+
 class Preempted(Exception):
-    """Raised on every rank after the checkpoint that a stop signal asked for is on disk (stop_after_signal)."""
+    """Raised on every rank after the checkpoint that a stop signal or the time budget asked for is on disk
+    (stop_after_signal). `exit_code`: 128 + the signal's number, as a shell reports it, or 75 for the time budget."""
 
     def __init__(self, signum: int) -> None:
         self.signum = signum
-        super().__init__(signal.Signals(signum).name)
+        self.exit_code = OUT_OF_TIME_EXIT_CODE if signum == OUT_OF_TIME else 128 + signum
+        super().__init__(stop_reason(signum))
+
+
+def stop_reason(signum: int) -> str:
+    return "the time budget (--max_time)" if signum == OUT_OF_TIME else signal.Signals(signum).name
 
 
 class StopSignals:
     """SIGTERM, SIGUSR1 (SLURM's warning before the time limit) and Ctrl-C ask the run to stop cleanly:
     every rank finishes its current optimizer step, they agree, save a checkpoint, and exit.
-    A second Ctrl-C stops at once."""
+    A second Ctrl-C stops at once.
+
+    With a time budget (seconds from the start of the process: imports count), the run stops the same way once
+    the time left is less than twice the longest stretch seen between two checks (a step, or the validation and
+    checkpoint at an epoch's end) plus a margin of 5% of the budget (at most a minute) for the save and exit."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
-    def __init__(self) -> None:
-        self.received = 0
+    def __init__(self, time_budget: float | None = None, clock: Callable[[], float] = time.time) -> None:
+        self.received, self.clock = 0, clock
+        self.deadline = None if time_budget is None else process_start_time() + time_budget
+        self.margin = 0.0 if time_budget is None else min(60.0, 0.05 * time_budget)
+        self.last_check, self.longest_gap = clock(), 0.0
         for signum in self.SIGNALS:
             signal.signal(signum, self._handle)
 
@@ -72,20 +89,36 @@ class StopSignals:
         self.received = signum
 
     def agreed(self, fabric: Fabric) -> int:
-        """The signal any rank received, 0 if none. Every rank must call this at the same point."""
+        """The signal any rank received, OUT_OF_TIME, or 0 for none. Every rank must call this at the same point."""
+        if self.deadline is not None and not self.received:
+            now = self.clock()
+            self.longest_gap, self.last_check = max(self.longest_gap, now - self.last_check), now
+            if now + 2 * self.longest_gap + self.margin >= self.deadline:
+                self.received = OUT_OF_TIME
         if fabric.world_size == 1:
             return self.received
         return int(fabric.all_reduce(torch.tensor(self.received, device=fabric.device), reduce_op="max").item())
 
 
+def process_start_time() -> float:
+    """When this process started (seconds since the epoch, from /proc on Linux), else now."""
+    try:
+        after_name = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + int(after_name[19]) / os.sysconf("SC_CLK_TCK")  # field 22: the start, in ticks after boot
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
 def stop_after_signal(fabric: Fabric, cfg: TrainConfig, signum: int, checkpoint: Path) -> NoReturn:
-    """After the checkpoint that stop signal `signum` asked for: once it is on disk, rank 0 says so, requeues the
-    SLURM job if asked to and flushes the loggers, and only then does any rank stop (Preempted; the exit code is
-    128 + signum, as a shell reports it). A rank that exited earlier could get the others killed before the
+    """After the checkpoint that stop signal `signum` (or the time budget) asked for: once it is on disk, rank 0
+    says so, requeues the SLURM job if asked to and flushes the loggers, and only then does any rank stop
+    (Preempted). A rank that exited earlier could get the others killed before the
     checkpoint is durable: Fabric's launcher ends every process when one exits with a non-zero code."""
     wait_for_checkpoints()
     if fabric.global_rank == 0:
-        print(f"Stopped by {signal.Signals(signum).name} at step {checkpoint_step(checkpoint)}: {checkpoint} saved. "
+        print(f"Stopped by {stop_reason(signum)} at step {checkpoint_step(checkpoint)}: {checkpoint} saved. "
               f"Continue with: python train.py --resume {checkpoint.parent.parent}", flush=True)
         job_id = os.environ.get("SLURM_JOB_ID")
         if cfg.requeue and job_id:

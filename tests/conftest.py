@@ -80,14 +80,25 @@ def model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return torch.load(checkpoint, weights_only=True)["model"]
 
 
+def weights_and_ema(checkpoint: Path | dict) -> dict[str, torch.Tensor]:
+    """The model's weights and, where the run kept one, their EMA as ema/<name>, from a checkpoint file or a loaded
+    one."""
+    from ema import averaged_weights
+
+    ckpt = torch.load(checkpoint, weights_only=True) if isinstance(checkpoint, Path) else checkpoint
+    return {**ckpt["model"], **{f"ema/{k}": v for k, v in (averaged_weights(ckpt) if "ema" in ckpt else {}).items()}}
+
+
 def max_abs_diff(a: Path, b: Path) -> float:
-    wa, wb = model_weights(a), model_weights(b)
+    """Over the weights and their EMA, which both runs must have kept or not."""
+    wa, wb = weights_and_ema(a), weights_and_ema(b)
     assert wa.keys() == wb.keys()
     return max((wa[k] - wb[k]).abs().max().item() for k in wa)
 
 
 def bitwise_equal(a: Path, b: Path) -> bool:
-    wa, wb = model_weights(a), model_weights(b)
+    """The same weights, and the same EMA of them where the runs kept one."""
+    wa, wb = weights_and_ema(a), weights_and_ema(b)
     return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 

@@ -7,6 +7,7 @@ their gradients, accumulation splits a batch) changes the weights by ~1e-15 per 
 float32 reaches after a hundred steps, differently on different CPUs."""
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import max_abs_diff, only_run_dir
+from conftest import max_abs_diff, only_run_dir, weights_and_ema
 from lightning.fabric import Fabric
 from lightning.fabric.utilities.distributed import _suggested_max_num_threads
 
@@ -32,9 +33,9 @@ pytestmark = pytest.mark.slow
 
 # No dropout (masks are drawn per rank), float64, a test split of 153 and a validation split of 61 samples
 # (neither divides by 2), checkpoints every 3 steps, all kept, so that a run can be cut mid-epoch and resumed on
-# another world size.
+# another world size. The EMA of the weights is on: it is saved, sharded and resumed with the rest.
 ARGS = ["--epochs", "3", "--dropout", "0", "--precision", "64-true", "--num_samples", "767",
-        "--checkpoint_every_n_steps", "3", "--num_checkpoint_keep", "100"]
+        "--checkpoint_every_n_steps", "3", "--num_checkpoint_keep", "100", "--ema_decay", "0.9"]
 TWO_PROCESSES = ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
 SAME_MATH = 1e-9  # float64
 
@@ -79,7 +80,8 @@ def assert_same_training_log(run_dir: Path, reference: Path) -> None:
 def test_two_processes_do_the_math_of_one(one_process, two_processes):
     two, stdout = two_processes
     assert "2 device(s) x 16 samples x 2 accumulation step(s) = 64 per optimizer step | lr 0.002" in stdout
-    assert max_abs_diff(final(one_process), final(two)) < SAME_MATH
+    assert max_abs_diff(final(one_process), final(two)) < SAME_MATH  # the weights and their EMA
+    assert any(name.startswith("ema/") for name in weights_and_ema(final(two)))
     assert_same_training_log(two, one_process)
     # Validation is sharded over the ranks and summed exactly: the same numbers, up to float32 metric sums.
     one_val, two_val = val_rows(one_process), val_rows(two)
@@ -112,17 +114,26 @@ def test_one_and_two_processes_see_the_same_global_batches():
     assert one == two
 
 
-def test_test_py_on_two_devices_reports_exactly_what_one_device_does(fork, one_process):
+def test_test_py_on_two_devices_reports_what_one_device_does(fork, one_process):
+    """Every sample counted once, whatever the world size; the sums agree to float32's rounding (2 ranks add their
+    halves in another order)."""
     reports = []
     for devices in ["1", "2"]:
         result = fork.run("test.py", "--out_dir", str(one_process), "--accelerator", "cpu", "--devices", devices)
         assert result.returncode == 0, result.stderr
         lines = result.stdout.splitlines()
         start = next(i for i, line in enumerate(lines) if line.startswith("Test split"))
-        reports.append(lines[start:start + 4])  # the header, the loss and the toy's 2 metrics
-        reports[-1].append((one_process / "test" / "metrics.json").read_text())
-    assert reports[0] == reports[1]
-    assert "153 samples" in reports[0][0] and reports[0][1].strip().startswith("loss")
+        reports.append((lines[start], json.loads((one_process / "test" / "metrics.json").read_text())))
+    (header, one), (header_two, two) = reports
+    assert header == header_two and "153 samples" in header and "ema weights" in header
+    assert_same_report(one, two)
+
+
+def assert_same_report(one: dict, two: dict) -> None:
+    """metrics.json of test.py: the same, with the numbers equal to float32's rounding."""
+    numbers = [name for name, value in one.items() if isinstance(value, float)]
+    assert numbers == ["loss", "mae", "mse"] and all(one[k] == pytest.approx(two[k], rel=1e-6) for k in numbers)
+    assert {k: v for k, v in one.items() if k not in numbers} == {k: v for k, v in two.items() if k not in numbers}
 
 
 def cut_mid_epoch_2(run_dir: Path, to: Path) -> tuple[Path, int]:
@@ -309,11 +320,11 @@ def test_sigterm_to_every_process_of_a_ddp_spawn_run_saves_and_leaves_no_process
 
 
 def consolidated_model(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The model's state dict from a checkpoint file, or from a sharded checkpoint directory (FSDP), whole."""
+    """The model's state dict from a checkpoint file, or from a sharded checkpoint directory (FSDP), whole, with
+    the EMA of its weights under ema/<name>."""
     from lightning.fabric.utilities.load import _load_distributed_checkpoint
 
-    return (_load_distributed_checkpoint(checkpoint) if checkpoint.is_dir() else
-            torch.load(checkpoint, weights_only=True))["model"]
+    return weights_and_ema(_load_distributed_checkpoint(checkpoint) if checkpoint.is_dir() else checkpoint)
 
 
 FSDP = ["--accelerator", "cpu", "--devices", "2", "--strategy", "fsdp"]
@@ -389,14 +400,16 @@ def test_a_sharded_run_is_evaluated_on_one_or_two_processes_and_exported_to_one_
     for devices in ["2", "1"]:
         result = fork.run("test.py", "--out_dir", str(fsdp_run), "--accelerator", "cpu", "--devices", devices)
         assert result.returncode == 0, result.stderr[-3000:]
-        reports.append((fsdp_run / "test" / "metrics.json").read_text())
-    assert reports[0] == reports[1]
+        reports.append(json.loads((fsdp_run / "test" / "metrics.json").read_text()))
+    assert_same_report(*reports)
     exported = tmp_path / "final.pt"  # the README's one command
     subprocess.run([sys.executable, "-m", "lightning.fabric.utilities.consolidate_checkpoint", str(final(fsdp_run)),
                     "--output_file", str(exported)], check=True, capture_output=True)
     whole = torch.load(exported, weights_only=True)
     assert whole["global_step"] == torch.load(final(fsdp_run) / "meta.pt", weights_only=True)["global_step"]
-    assert all(torch.equal(whole["model"][k], v) for k, v in consolidated_model(final(fsdp_run)).items())
+    sharded = consolidated_model(final(fsdp_run))
+    assert weights_and_ema(whole).keys() == sharded.keys()
+    assert all(torch.equal(weights_and_ema(whole)[k], v) for k, v in sharded.items())
 
 
 def test_fsdp_with_bf16_mixed_keeps_float32_shards(fork, tmp_path):
@@ -404,3 +417,41 @@ def test_fsdp_with_bf16_mixed_keeps_float32_shards(fork, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     weights = consolidated_model(final(only_run_dir(tmp_path)))  # gathered in bf16 to compute, kept in float32
     assert {w.dtype for w in weights.values()} == {torch.float32} and all(w.isfinite().all() for w in weights.values())
+
+
+def test_early_stopping_is_agreed_by_both_processes_and_resumes_with_its_count(fork, tmp_path):
+    # No change is larger than 1e9: epoch 1 sets the reference and every later epoch is stale, so a patience of 3
+    # stops the 6-epoch run after epoch 4 (whatever the numbers), on both ranks at once.
+    early = ["--epochs", "6", "--early_stopping_patience", "3", "--early_stopping_min_delta", "1e9"]
+    result = fork.run("train.py", "--root_dir", str(tmp_path / "two"), *ARGS, *TWO_PROCESSES,
+                      "--max_batch_size_per_device", "16", *early)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path / "two")
+    saved = torch.load(final(run_dir), weights_only=True)
+    per_epoch = saved["global_step"] // 4
+    assert saved["epoch"] == 4 and saved["patience"]["stale_epochs"] == 3
+    assert result.stdout.count("stopped early after epoch 4 of 6: val/mae has not improved by more than 1e+09 for 3 "
+                               "epochs (--early_stopping_patience 3)") == 1
+    assert (run_dir / "checkpoints" / f"step-{4 * per_epoch:08d}.ckpt").exists()
+    assert [r["step"] for r in val_rows(run_dir)] == [k * per_epoch for k in (1, 2, 3, 4)]
+
+    # Back to the checkpoint of epoch 2 (one stale epoch counted), resumed on one process: it stops after epoch 4
+    # again, with the same weights. A count that started over would train on to the end of epoch 6.
+    cut = tmp_path / "cut"
+    shutil.copytree(run_dir, cut)
+    for ckpt in (cut / "checkpoints").glob("*.ckpt"):
+        if ckpt.name == "final.ckpt" or (ckpt.name.startswith("step-") and int(ckpt.stem[5:]) > 2 * per_epoch):
+            ckpt.unlink()
+    one = ["--accelerator", "cpu", "--devices", "1", "--strategy", "auto"]
+    resumed = fork.call("train.py", "--resume", str(cut), *one)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "stopped early after epoch 4 of 6" in resumed.stdout
+    assert max_abs_diff(final(cut), final(run_dir)) < SAME_MATH
+
+    # A run that stopped early says so when resumed; a larger patience trains it on.
+    again = fork.call("train.py", "--resume", str(run_dir), *one)
+    assert again.returncode == 0 and "The run stopped early at epoch 4: val/mae has not improved by more than 1e+09 " \
+                                     "for 3 epochs (--early_stopping_patience 3); pass a larger " \
+                                     "--early_stopping_patience to train further." in again.stdout
+    longer = fork.call("train.py", "--resume", str(run_dir), *one, "--early_stopping_patience", "4")
+    assert longer.returncode == 0 and "stopped early after epoch 5 of 6" in longer.stdout

@@ -20,8 +20,10 @@ pytestmark = pytest.mark.slow
 
 EPOCHS = 4
 # A checkpoint every 3 optimizer steps lands mid-epoch as well as on epoch ends, so both kinds are exercised;
-# dropout makes the result depend on the RNG states that a resume must restore.
-ARGS = ["--epochs", str(EPOCHS), "--checkpoint_every_n_steps", "3", "--dropout", "0.2", "--log_interval", "2"]
+# dropout makes the result depend on the RNG states that a resume must restore; the EMA of the weights must
+# resume bitwise too.
+ARGS = ["--epochs", str(EPOCHS), "--checkpoint_every_n_steps", "3", "--dropout", "0.2", "--log_interval", "2",
+        "--ema_decay", "0.9"]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,8 @@ def steps_per_epoch(run_dir: Path) -> int:
 
 
 def assert_same_run(run_dir: Path, reference: Path) -> None:
-    """Final weights bitwise equal, and the CSV log identical: every step once, none missing, same values."""
+    """Final weights and their EMA bitwise equal, and the CSV log identical: every step once, none missing, same
+    values."""
     assert bitwise_equal(run_dir / "checkpoints" / "final.ckpt", reference / "checkpoints" / "final.ckpt")
     assert logged_values(run_dir) == logged_values(reference)
     assert not list((run_dir / "checkpoints").glob(".*.tmp"))  # the crash's temporary file is cleaned up
@@ -523,3 +526,43 @@ def test_a_full_disk_stops_the_run_in_one_line_and_keeps_every_checkpoint_before
     resumed = fork.call("train.py", "--resume", str(run_dir))  # with room again
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(run_dir, reference)
+
+
+def test_a_time_budget_saves_exits_75_and_resume_auto_ends_as_the_unbudgeted_run(fork, tmp_path, reference):
+    root = tmp_path / "runs"
+    # A 1 s budget is spent before training starts (importing lightning alone takes longer): the run stops at its
+    # first check, after step 1, as a job does whose scheduler limit is near.
+    budgeted = fork.run("train.py", "--root_dir", str(root), *ARGS, "--max_time", "00:00:00:01")
+    assert budgeted.returncode == 75, budgeted.stderr[-3000:]
+    run_dir = only_run_dir(root)
+    first = run_dir / "checkpoints" / "step-00000001.ckpt"
+    assert f"Stopped by the time budget (--max_time) at step 1: {first} saved. Continue with: python train.py " \
+           f"--resume {run_dir}" in budgeted.stdout
+    assert first.exists() and not (run_dir / "checkpoints" / "final.ckpt").exists()
+
+    resumed = fork.call("train.py", "--root_dir", str(root), "--resume", "auto", *ARGS, "--max_time", "01:00:00:00")
+    assert resumed.returncode == 0, resumed.stderr
+    assert only_run_dir(root) == run_dir
+    assert_same_run(run_dir, reference)
+
+
+def test_the_time_budget_keeps_twice_the_longest_stretch_between_checks_and_a_margin(monkeypatch):
+    import signal as signals
+    from types import SimpleNamespace
+
+    import utils
+
+    handlers = {signum: signals.getsignal(signum) for signum in utils.StopSignals.SIGNALS}
+    monkeypatch.setattr(utils, "process_start_time", lambda: 0.0)
+    now = [10.0]  # 10 s of start-up
+    stop = utils.StopSignals(time_budget=100.0, clock=lambda: now[0])  # a margin of 5 s
+    one_process = SimpleNamespace(world_size=1)
+    try:
+        for stopped_at in [*range(11, 51), *range(60, 100)]:  # steps of 1 s, then a 10 s validation at 60
+            now[0] = float(stopped_at)
+            if stop.agreed(one_process):
+                break
+    finally:
+        for signum, handler in handlers.items():
+            signals.signal(signum, handler)
+    assert stopped_at == 75 and stop.agreed(one_process) == utils.OUT_OF_TIME  # 75 + 2 x 10 + 5 = the budget

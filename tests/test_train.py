@@ -425,3 +425,95 @@ def test_every_run_records_its_provenance_and_test_py_names_it(fork, tmp_path):
     assert tested.returncode == 0, tested.stderr[-2000:]
     assert f"| commit {commit[:12]} + code-0.patch | torch {torch.__version__} on 1 x " in tested.stdout
     assert json.loads((run_dir / "test" / "metrics.json").read_text())["provenance"] == entry
+
+
+def test_ema_follows_its_recurrence_and_validation_and_test_py_judge_it(fork, tmp_path):
+    args = [*TOY_ARGS[2:], "--epochs", "2", "--checkpoint_every_n_steps", "1", "--num_checkpoint_keep", "1000"]
+    plain = fork.train(tmp_path / "plain", *args)
+    averaged = fork.train(tmp_path / "ema", *args, "--ema_decay", "0.5")  # the warmup ends at step 8 of ~26
+    from ema import averaged_weights
+
+    # After each optimizer step t (from 0): average = d x average + (1 - d) x weights, d = min(0.5, (1+t)/(10+t)).
+    steps = sorted((averaged / "checkpoints").glob("step-*.ckpt"))
+    assert len(steps) == 2 * steps_per_epoch(averaged)
+    before = averaged_weights(torch.load(steps[0], weights_only=True))  # after step 0 (9/10 of its weights)
+    for t, path in enumerate(steps[1:], start=1):
+        ckpt = torch.load(path, weights_only=True)
+        decay = min(0.5, (1 + t) / (10 + t))
+        expected = {k: decay * before[k] + (1 - decay) * ckpt["model"][k] for k in before}
+        got = averaged_weights(ckpt)
+        assert got.keys() == expected.keys() and all(torch.allclose(got[k], expected[k], atol=1e-12) for k in got)
+        before = got
+    # The EMA never touches training: the same weights and training losses as without it...
+    raw = [model_weights(run / "checkpoints" / "final.ckpt") for run in (plain, averaged)]
+    assert all(torch.equal(raw[0][k], raw[1][k]) for k in raw[0])
+    assert [r["train/loss"] for r in csv_rows(plain)] == [r["train/loss"] for r in csv_rows(averaged)]
+    # ...but validation judges the averaged weights.
+    val = [[r["val/loss"] for r in csv_rows(run) if r["val/loss"]] for run in (plain, averaged)]
+    assert len(val[0]) == 2 and all(a != b for a, b in zip(*val))
+    # test.py evaluates the EMA by default and the trained weights with --weights raw (those of the plain run).
+    reports = {}
+    for run, weights in [(plain, "auto"), (averaged, "auto"), (averaged, "raw"), (averaged, "ema")]:
+        result = fork.call("test.py", "--out_dir", str(run), "--checkpoint", "final", "--weights", weights)
+        assert result.returncode == 0, result.stderr
+        metrics = json.loads((run / "test" / "metrics.json").read_text())
+        reports[run.parent.name, weights] = (metrics["weights"], metrics["loss"])
+    assert reports["plain", "auto"][0] == "raw" and reports["ema", "auto"] == reports["ema", "ema"]
+    assert reports["ema", "auto"][0] == "ema" and reports["ema", "raw"] == reports["plain", "auto"]
+    assert reports["ema", "ema"][1] != reports["ema", "raw"][1]
+    refused = fork.call("test.py", "--out_dir", str(plain), "--weights", "ema")
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        "error: --weights ema: the run kept no EMA of its weights (its --ema_decay is 0); use raw or auto"]
+
+
+def test_init_from_loads_the_weights_that_fit_a_new_head_and_nothing_else_of_the_run(fork, tmp_path):
+    source = fork.train(tmp_path / "source", "--epochs", "2", "--num_samples", "150")
+    # A tiny LR keeps the weights where they started, to see where that was.
+    result = fork.call("train.py", "--root_dir", str(tmp_path / "fine"), "--init_from", str(source), "--model",
+                       "deeper", "--fast_run", "--lr", "1e-12", "--dropout", "0")
+    assert result.returncode == 0, result.stderr
+    best = torch.load(source / "checkpoints" / "best.ckpt", weights_only=True)
+    assert (f"--init_from {source}/checkpoints/best.ckpt: 2 of the model's 6 tensors loaded, the weights at step "
+            f"{best['global_step']}\n"
+            "  different shape, freshly initialised: 3.weight [1, 32] -> [32, 32], 3.bias [1] -> [32]\n"
+            "  not in the checkpoint, freshly initialised: 5.weight, 5.bias\n") in result.stdout
+    fine = only_run_dir(tmp_path / "fine")
+    tuned = torch.load(fine / "checkpoints" / "final.ckpt", weights_only=True)
+    for name in ("0.weight", "0.bias"):  # the source's first layer...
+        assert (tuned["model"][name] - best["model"][name]).abs().max() < 1e-9
+    assert tuned["model"]["3.weight"].shape == (32, 32)  # ...under a new head
+    assert tuned["global_step"] == 2 and tuned["epoch"] == 1  # a new run: the step, schedule and optimizer start over
+    assert yaml.safe_load((fine / "config.yaml").read_text())["init_from"] == str(source)
+
+    back = fork.call("train.py", "--root_dir", str(tmp_path / "back"), "--init_from", str(fine / "checkpoints" /
+                     "final.ckpt"), "--fast_run")  # and from the deeper model into the MLP
+    assert back.returncode == 0, back.stderr
+    assert "  in the checkpoint only, ignored: 5.weight, 5.bias\n" in back.stdout
+
+    for args, error in [
+        (["--resume", str(source), "--init_from", str(fine)],
+         f"error: --init_from {str(fine)!r} with --resume: a resumed run continues from its own checkpoint, while "
+         "--init_from starts a new run from other weights; pass one of them"),
+        (["--init_from", str(source), "--model", "linear"],
+         f"error: --init_from {str(source)!r}: none of its 4 tensors fits the model by name and shape (it has e.g. "
+         "0.weight, 0.bias, 3.weight; the model: weight, bias)"),
+        (["--init_from", str(tmp_path / "nowhere")],
+         f"error: --init_from {str(tmp_path / 'nowhere')!r}: no such checkpoint, run directory or state dict file")]:
+        before = snapshot(tmp_path)
+        refused = fork.call("train.py", "--root_dir", str(tmp_path / "refused"), *args)
+        assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [error], refused.stderr
+        assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(("mode", "min_delta", "scores", "stale"), [
+    ("min", 0.1, [1.0, 0.95, 0.85, 0.9, float("nan"), 0.7], [0, 1, 0, 1, 2, 0]),  # 0.05 is too small; NaN is stale
+    ("max", 0.0, [0.5, 0.5, 0.6, 0.55], [0, 1, 0, 1]),  # a tie is no improvement
+])
+def test_early_stopping_counts_only_improvements_larger_than_min_delta(mode, min_delta, scores, stale):
+    from train import count_patience
+
+    patience, counted = {"value": None, "stale_epochs": 0}, []
+    for score in scores:
+        count_patience(patience, score, mode, min_delta)
+        counted.append(patience["stale_epochs"])
+    assert counted == stale

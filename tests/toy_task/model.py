@@ -40,6 +40,12 @@ def mlp(cfg: ArchConfig, info: DataInfo) -> nn.Module:
                          nn.Linear(cfg.hidden, 1))
 
 
+def deeper(cfg: ArchConfig, info: DataInfo) -> nn.Module:
+    """The MLP with a second hidden layer: the same first layer, a new head (what --init_from meets in fine-tuning)."""
+    return nn.Sequential(nn.Linear(info.num_features, cfg.hidden), nn.Tanh(), nn.Dropout(cfg.dropout),
+                         nn.Linear(cfg.hidden, cfg.hidden), nn.Tanh(), nn.Linear(cfg.hidden, 1))
+
+
 def linear(cfg: ArchConfig, info: DataInfo) -> nn.Module:
     """Linear regression."""
     return nn.Linear(info.num_features, 1)
@@ -47,5 +53,6 @@ def linear(cfg: ArchConfig, info: DataInfo) -> nn.Module:
 
 MODELS: dict[str, Callable[[ArchConfig, DataInfo], nn.Module]] = {
     "mlp": mlp,
+    "deeper": deeper,
     "linear": linear,
 }

@@ -1,0 +1,75 @@
+"""An exponential moving average (EMA) of the model's weights, as timm's --model-ema keeps one.
+
+It is an Optimizer in form only: its per-parameter state holds the averages. That way every strategy saves,
+loads and shards it exactly as it does the optimizer's moments: one file, or one shard per rank under FSDP, and
+a resume restores it bitwise. Buffers (BatchNorm's running statistics) are not averaged: evaluation with the
+averaged weights uses the model's own.
+"""
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+
+class EMA(torch.optim.Optimizer):
+    """average = decay x average + (1 - decay) x weights, after each optimizer step. The decay warms up as
+    min(decay, (1 + step) / (10 + step)): early weights, which are soon left behind, do not dominate the average."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        named = [(name, p) for name, p in _unwrapped(model).named_parameters() if p.requires_grad]
+        super().__init__(named, {})  # the names go into the state dict: --init_from and test.py read them
+        self.decay, self.module = decay, _unwrapped(model)
+        self.params = [p for _, p in named]
+        for p in self.params:
+            self.state[p]["average"] = p.detach().clone()
+
+    def averages(self) -> list[torch.Tensor]:
+        return [self.state[p]["average"] for p in self.params]  # looked up each time: a load replaces them
+
+    @torch.no_grad()
+    def update(self, step: int) -> None:
+        """After optimizer step `step` (counted from 0): one fused lerp over all parameters, no CPU sync."""
+        decay = min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(self.averages(), [p.detach() for p in self.params], 1 - decay)
+
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        """The model holds the averaged weights inside the block, its own weights again after it (bitwise)."""
+        self.swap()
+        try:
+            yield
+        finally:
+            self.swap()
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        """Exchange the model's weights and the averages (a second swap undoes it, bitwise)."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.module.modules():  # FSDP2 keeps the root's gathered weights after a forward: drop them
+            if isinstance(module, FSDPModule):
+                module.reshard()
+        for p, average in zip(self.params, self.averages()):
+            weights = p.detach().clone()  # in place, one tensor at a time: FSDP keeps views of its parameters
+            p.detach().copy_(average)
+            average.copy_(weights)
+
+    def step(self, closure: None = None) -> None:
+        raise RuntimeError("EMA is updated with ema.update(step), after the optimizer's step")
+
+
+def averaged_weights(checkpoint: dict) -> dict[str, torch.Tensor]:
+    """{parameter name: averaged weights} from the "ema" entry of a loaded checkpoint (a file's, where the state is
+    keyed by position and the names are in param_groups, or a sharded one's, keyed by name)."""
+    saved = checkpoint["ema"]
+    names = [name for group in saved["param_groups"] for name in group.get("param_names", group["params"])]
+    positions = [position for group in saved["param_groups"] for position in group["params"]]
+    return {name: saved["state"][position]["average"] for name, position in zip(names, positions)}
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's module inside Fabric's wrapper (and DDP's) and torch.compile's: its names are the checkpoint's."""
+    from lightning.fabric.wrappers import _unwrap_compiled
+
+    return _unwrap_compiled(getattr(model, "_original_module", model))[0]
