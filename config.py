@@ -37,7 +37,7 @@ WEIGHTS = ("auto", "ema", "raw")
 # Fields that a `--resume` may not change: the checkpoint or the data split would no longer fit the run (and
 # --fast_run would turn a real run into a finished smoke test). The task's
 # groups name theirs in a RESUME_LOCKED class attribute (DataConfig: dataset; ArchConfig: model).
-RESUME_LOCKED = ("seed", "fast_run", "optim.optimizer", "optim.eff_batch_size",
+RESUME_LOCKED = ("seed", "fast_run", "optim.optimizer", "optim.eff_batch_size", "debug.overfit_batches",
                  *(f"data.{name}" for name in getattr(DataConfig, "RESUME_LOCKED", ())),
                  *(f"arch.{name}" for name in getattr(ArchConfig, "RESUME_LOCKED", ())))
 MONITOR_MODES = ("auto", "min", "max")
@@ -170,6 +170,24 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class DebugConfig:
+    """Tools for finding bugs; all off by default."""
+
+    overfit_batches: int = 0
+    """Train and validate on the same N batches (N x eff_batch_size samples of the training split): a model and
+    loss that cannot drive their loss to about 0 have a bug. 0: off."""
+    profile: bool = False
+    """Profile optimizer steps 3 to 5 with torch.profiler: a trace per rank in RUN_DIR/profile (TensorBoard, or
+    https://ui.perfetto.dev) and the top ops printed."""
+    detect_anomaly: bool = False
+    """torch.autograd's anomaly mode: a NaN or Inf made in the backward pass stops the run with the traceback of
+    the forward op behind it. Slow."""
+    deterministic: bool = False
+    """PyTorch's deterministic algorithms (an op without one is an error), cuDNN without autotuning, and the cuBLAS
+    workspace setting they need: bitwise the same numbers on every run on the same machine."""
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Train a model with Lightning Fabric. RUN_DIR = ROOT_DIR/YYYYmmdd-HHMMSS-OUT_DIR."""
 
@@ -205,6 +223,7 @@ class TrainConfig:
     arch: ArchConfig = field(default_factory=ArchConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def epochs(self) -> int:
         return 1 if self.fast_run else self.optim.epochs
@@ -301,6 +320,7 @@ def validate(cfg: TrainConfig) -> list[str]:
     check(log.monitor == "" or log.monitor.startswith("val/"),
           f"--monitor {log.monitor!r} must name a validation metric: val/loss or val/<metric>")
     one_of("monitor_mode", log.monitor_mode, MONITOR_MODES)
+    check(cfg.debug.overfit_batches >= 0, f"--overfit_batches {cfg.debug.overfit_batches} must be >= 0 (0: off)")
     check(log.early_stopping_patience >= 0,
           f"--early_stopping_patience {log.early_stopping_patience} must be >= 0 (0 disables early stopping)")
     check(log.early_stopping_min_delta >= 0, f"--early_stopping_min_delta {log.early_stopping_min_delta} must be >= 0")

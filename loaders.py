@@ -9,7 +9,7 @@ import math
 from typing import Iterator, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 
 class GlobalBatchSampler(Sampler[list[int]]):
@@ -63,3 +63,11 @@ def make_eval_loader(dataset: Dataset, batch_size: int, rank: int, world_size: i
     return DataLoader(dataset, batch_size=batch_size, sampler=range(rank, len(dataset), world_size),
                       num_workers=num_workers, collate_fn=getattr(dataset, "collate_fn", None),
                       generator=torch.Generator())
+
+
+def first_samples(dataset: Dataset, count: int) -> Dataset:
+    """The first `count` samples of `dataset` (--overfit_batches), served as the dataset serves them: a Subset
+    passes whole batches through the dataset's `__getitems__`, so it keeps the dataset's `collate_fn`."""
+    subset = Subset(dataset, range(min(count, len(dataset))))
+    subset.collate_fn = getattr(dataset, "collate_fn", None)
+    return subset

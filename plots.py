@@ -1,6 +1,15 @@
-"""Figures drawn from a run's own records. Redraw a run's curves with:  python plots.py RUN_DIR"""
+"""Figures drawn from runs' own records.
 
+    python plots.py RUN_DIR                          # redraw RUN_DIR/curves.png
+    python plots.py RUN_DIR RUN_DIR ... [--out F]    # compare runs: one figure (F, comparison.png) and a table
+
+Runs whose configs differ only in --seed (and in where and how they ran: devices, paths, loggers) are one recipe:
+its curves are the mean over the seeds with a band of +-1 standard deviation, its numbers mean +- std.
+"""
+
+import argparse
 import csv
+import statistics
 import sys
 from pathlib import Path
 
@@ -69,7 +78,109 @@ def logged_monitor(run_dir: Path) -> tuple[str | None, str]:
     return hparams.get("monitor_used"), hparams.get("monitor_mode_used", "max")
 
 
+# Config fields that say where and how a run ran, not what it computed: runs that differ only in these (and the
+# seed) are seeds of one recipe.
+NOT_THE_RECIPE = ("seed", "root_dir", "out_dir", "comment", "project", "resume", "requeue", "logger_name", "max_time",
+                  "hardware.", "debug.profile")
+
+
+def recipes(run_dirs: list[Path]) -> dict[str, list[Path]]:
+    """The runs grouped by recipe (their config.yaml without NOT_THE_RECIPE), each named by the fields in which the
+    recipes differ (or by the run's name, when there is one recipe of one run)."""
+    configs = {run: _flat(yaml.safe_load((run / "config.yaml").read_text()) or {}) for run in run_dirs}
+    recipe_of = {run: tuple(sorted((key, repr(value)) for key, value in config.items()
+                                   if not key.startswith(NOT_THE_RECIPE))) for run, config in configs.items()}
+    groups: dict[tuple, list[Path]] = {}
+    for run in run_dirs:
+        groups.setdefault(recipe_of[run], []).append(run)
+    differing = sorted({key for recipe in groups for key, value in recipe if any((key, value) not in other
+                                                                               for other in groups)})
+    named = {}
+    for recipe, runs in groups.items():
+        values = dict(recipe)
+        name = ", ".join(f"{key.split('.')[-1]}={values.get(key, '-')}" for key in differing) or (
+            runs[0].name if len(runs) == 1 else runs[0].name.split("-", 2)[-1])  # one recipe: its --out_dir
+        named[f"{name} ({len(runs)} seeds)" if len(runs) > 1 else name] = runs
+    return named
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def compare(run_dirs: list[Path], out: Path) -> str:
+    """Overlay the runs' curves in `out` (one panel per logged loss and validation metric, seeds of one recipe as
+    their mean with a +-1 std band) and return a table of each recipe's best monitored value and final numbers."""
+    groups = recipes(run_dirs)
+    series = {run: read_metrics(run) for run in run_dirs}
+    keys = [k for k in ("train/loss", "val/loss") if any(k in s for s in series.values())]
+    keys += sorted({k for s in series.values() for k in s if k.startswith("val/") and k != "val/loss"})
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), constrained_layout=True, squeeze=False)
+    for (name, runs), color in zip(groups.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10):
+        for key, ax in zip(keys, axes[0]):
+            curves = [dict(series[run][key]) for run in runs if key in series[run]]
+            steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+            if not steps:
+                continue
+            mean = [statistics.fmean(c[s] for c in curves) for s in steps]
+            ax.plot(steps, mean, color=color, label=name, marker="o" if key.startswith("val/") else None, markersize=3)
+            if len(curves) > 1:
+                std = [statistics.stdev(c[s] for c in curves) for s in steps]
+                ax.fill_between(steps, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
+                                color=color, alpha=0.2, linewidth=0)
+    for key, ax in zip(keys, axes[0]):
+        ax.set(title=key, xlabel="step")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.suptitle(f"{len(run_dirs)} runs, {len(groups)} recipe(s)")
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return _table(groups, series)
+
+
+def _table(groups: dict[str, list[Path]], series: dict[Path, dict]) -> str:
+    """Per recipe: its runs, the best value of the metric that picked best.ckpt, and every number's last value."""
+    monitor, mode = logged_monitor(next(iter(series)))
+    columns = [f"best {monitor}"] if monitor else []
+    columns += sorted({k for s in series.values() for k in s if k.startswith(("val/", "train/loss"))})
+
+    def value(run: Path, column: str) -> float | None:
+        if column.startswith("best "):
+            points = [v for _, v in series[run].get(monitor, [])]
+            return (max if mode == "max" else min)(points) if points else None
+        return series[run][column][-1][1] if column in series[run] else None
+
+    rows = [["recipe", "runs", *columns]]
+    for name, runs in groups.items():
+        cells = [name, str(len(runs))]
+        for column in columns:
+            values = [v for run in runs if (v := value(run, column)) is not None]
+            cells.append("-" if not values else f"{values[0]:.4f}" if len(values) == 1 else
+                         f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}")
+        rows.append(cells)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return f"best: over each run's validations; the rest: the last value logged\n" + "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+def cli(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     usage="python plots.py RUN_DIR [RUN_DIR ...] [--out FILE]")
+    parser.add_argument("run_dirs", nargs="+", type=Path)
+    parser.add_argument("--out", type=Path, default=Path("comparison.png"), help="the comparison figure")
+    args = parser.parse_args(argv)
+    missing = [str(run) for run in args.run_dirs if not (run / "logs" / "csv" / "metrics.csv").is_file()]
+    if missing:
+        print(f"error: not a run directory with logs/csv/metrics.csv: {', '.join(missing)}", file=sys.stderr)
+        sys.exit(2)
+    if len(args.run_dirs) == 1:
+        print(f"Wrote {draw_curves(args.run_dirs[0], *logged_monitor(args.run_dirs[0]))}")
+        return
+    print(compare(args.run_dirs, args.out))
+    print(f"Wrote {args.out}")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or not (Path(sys.argv[1]) / "logs" / "csv" / "metrics.csv").is_file():
-        sys.exit("usage: python plots.py RUN_DIR   (a run directory with logs/csv/metrics.csv)")
-    print(f"Wrote {draw_curves(Path(sys.argv[1]), *logged_monitor(Path(sys.argv[1])))}")
+    cli()

@@ -25,7 +25,7 @@ from config import LogConfig, OptimConfig, TrainConfig, is_checkpoint, parse_tra
 from data import load_splits
 from ema import EMA
 from errors import NonFiniteLoss, UsageError, exit_on_usage_error, started_by_launcher
-from loaders import GlobalBatchSampler, make_eval_loader, make_train_loader
+from loaders import GlobalBatchSampler, first_samples, make_eval_loader, make_train_loader
 from model import build_model
 from plots import draw_curves
 
@@ -35,8 +35,11 @@ FAST_RUN_BATCHES = 2  # --fast_run: optimizer steps per epoch, and validation/te
 def main(fabric: Fabric, cfg: TrainConfig) -> None:
     batch_size, accum_steps = cfg.optim.micro_batching(fabric.world_size)  # per device, per optimizer step
     lr = cfg.optim.learning_rate()
+    utils.set_debug_modes(cfg.debug)  # --detect_anomaly, --deterministic
     with fabric.rank_zero_first(local=True):  # a download happens once per node
         train_set, val_set, test_set, info = load_splits(cfg.data, cfg.seed)
+    if cfg.debug.overfit_batches:  # the same few batches to train and validate on: can the model fit them at all?
+        train_set = val_set = first_samples(train_set, cfg.debug.overfit_batches * cfg.optim.eff_batch_size)
     sampler = GlobalBatchSampler(len(train_set), cfg.optim.eff_batch_size, batch_size, fabric.global_rank,
                                  fabric.world_size, cfg.seed, FAST_RUN_BATCHES if cfg.fast_run else None)
     if sampler.steps_per_epoch == 0:
@@ -126,6 +129,8 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
                                     "batch_size_per_device": batch_size, "grad_accum_steps": accum_steps,
                                     "monitor_used": monitor, "monitor_mode_used": mode})
     where = f"{fabric.device}, {cfg.hardware.precision}"
+    if cfg.debug.overfit_batches:
+        where += f" | --overfit_batches: the same {len(train_set)} samples to train and validate on"
     if fabric.device.type == "cpu":
         where += f", {torch.get_num_threads()} thread(s) per process"
     fabric.print(f"Run dir: {run_dir}\n"
@@ -149,7 +154,9 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
     flops_per_step = None if flops_per_batch is None else flops_per_batch * accum_steps
     stop = utils.StopSignals(cfg.time_budget())
     start_time, start_step, stopped_early = time.perf_counter(), state["global_step"], ""
-    with utils.Progress(fabric, epochs * steps_per_epoch, state["global_step"]) as progress:
+    total_steps = epochs * steps_per_epoch
+    with utils.Progress(fabric, total_steps, state["global_step"]) as progress, \
+            utils.step_profiler(cfg.debug.profile, run_dir, fabric, total_steps - state["global_step"]) as profiler:
         for epoch in range(state["epoch"], epochs):
             model.train()
             sampler.set_position(epoch, state["sample_offset"])  # we own the epoch, not Fabric's dataloader wrapper
@@ -178,6 +185,7 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
                 state["global_step"] += 1
                 state["sample_offset"] += cfg.optim.eff_batch_size
                 progress.update()
+                profiler.step()  # --profile
 
                 if state["global_step"] % log_every == 0:
                     train_loss = fabric.all_reduce(state["loss_sum"] / state["loss_count"]).item()  # the CPU sync

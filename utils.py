@@ -22,7 +22,7 @@ import warnings
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
 import lightning
 import torch
@@ -42,7 +42,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from tqdm import tqdm
 
 from checkpoints import DirectCheckpointIO, checkpoint_step, clean_up_after_crash, set_aside, wait_for_checkpoints
-from config import TrainConfig, is_checkpoint, load_train_config, overrides, resumed_run, to_yaml
+from config import DebugConfig, TrainConfig, is_checkpoint, load_train_config, overrides, resumed_run, to_yaml
 from errors import LAUNCHER_ENV, FilesystemError, UsageError
 
 
@@ -294,14 +294,57 @@ def training_flops(build_model: Callable[[], torch.nn.Module], forward: Callable
     """FLOPs of a forward and backward pass over `batch`, counted on the meta device (no memory, no time):
     `forward(model, batch)` returns the loss first. None, with a warning, where an operation has no meta kernel."""
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), torch.autograd.set_detect_anomaly(False):  # its NaN check cannot read meta tensors
             model = build_model()
-        batch = move_data_to_device(batch, "meta")
-        return measure_flops(model, lambda: forward(model, batch)[0], lambda loss: loss)
+            batch = move_data_to_device(batch, "meta")
+            return measure_flops(model, lambda: forward(model, batch)[0], lambda loss: loss)
     except Exception as err:  # noqa: BLE001 - throughput without FLOPs is still worth having
         warnings.warn(f"could not count the model's FLOPs on the meta device, so no FLOPs/s or MFU will be logged "
                       f"({type(err).__name__}: {' '.join(str(err).split())[:200]})", stacklevel=2)
         return None
+
+
+def set_debug_modes(cfg: DebugConfig) -> None:
+    """--detect_anomaly and --deterministic, for this process (before any model is built)."""
+    torch.autograd.set_detect_anomaly(cfg.detect_anomaly)
+    torch.use_deterministic_algorithms(cfg.deterministic)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts: deterministic matmuls
+        torch.backends.cudnn.benchmark = False  # autotuning may pick another algorithm on each run
+
+
+@contextlib.contextmanager
+def step_profiler(enabled: bool, run_dir: Path, fabric: Fabric, steps_left: int) -> Iterator[Any]:
+    """--profile: torch.profiler over optimizer steps 3 to 5 of this launch (the first is skipped, being slow for
+    one-time reasons, and the second warms the profiler up). Each rank writes its trace to
+    RUN_DIR/profile/rankN.*.pt.trace.json; rank 0 prints the ops that took the most time. `.step()` after each
+    optimizer step; off, it does nothing."""
+    if enabled and steps_left < 5:
+        fabric.print(f"--profile: {steps_left} optimizer step(s) to train, fewer than 5: nothing to trace")
+    if not enabled or steps_left < 5:
+        yield _NoProfiler()
+        return
+    folder = run_dir / "profile"
+
+    def write(profiler: torch.profiler.profile) -> None:
+        torch.profiler.tensorboard_trace_handler(str(folder), worker_name=f"rank{fabric.global_rank}")(profiler)
+        if fabric.is_global_zero:
+            device_time = "self_device_time_total" if fabric.device.type == "cuda" else "self_cpu_time_total"
+            print(profiler.key_averages().table(sort_by=device_time, row_limit=12) +
+                  f"\n--profile: steps 3-5 traced in {folder}: tensorboard --logdir {folder}, or open the .json file "
+                  "at https://ui.perfetto.dev", flush=True)
+
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if fabric.device.type == "cuda" else [])
+    steps_3_to_5 = torch.profiler.schedule(wait=1, warmup=1, active=3, repeat=1)
+    with torch.profiler.profile(activities=activities, schedule=steps_3_to_5, on_trace_ready=write,
+                                record_shapes=True) as profiler:
+        yield profiler
+
+
+class _NoProfiler:
+    def step(self) -> None:
+        pass
 
 
 class Progress:
@@ -412,7 +455,8 @@ def record_provenance(run_dir: Path, step: int, world_size: int) -> dict[str, An
     path = run_dir / "provenance.yaml"
     history = yaml.safe_load(path.read_text()) if path.is_file() else []
     entry: dict[str, Any] = {
-        "step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(map(shlex.quote, ["python", *sys.argv])),
+        "step": step, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join(map(shlex.quote, ["python", *sys.argv])),
         "host": socket.gethostname(), "world_size": world_size, "python": platform.python_version(),
         "torch": str(torch.__version__), "lightning": lightning.__version__, "cuda": torch.version.cuda,
         "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] or [_cpu_model()]}

@@ -4,7 +4,9 @@ belong, best.ckpt by a min-mode metric, checkpoints, rotation, logs and progress
 import csv
 import json
 import math
+import os
 import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -517,3 +519,74 @@ def test_early_stopping_counts_only_improvements_larger_than_min_delta(mode, min
         count_patience(patience, score, mode, min_delta)
         counted.append(patience["stale_epochs"])
     assert counted == stale
+
+
+def test_profile_writes_a_trace_of_steps_3_to_5_that_loads_and_prints_the_top_ops(fork, tmp_path):
+    result = fork.call("train.py", "--root_dir", str(tmp_path / "runs"), "--profile", "--epochs", "1")
+    assert result.returncode == 0, result.stderr
+    run_dir = only_run_dir(tmp_path / "runs")
+    (trace,) = (run_dir / "profile").glob("rank0.*.pt.trace.json")  # Chrome trace format: Perfetto, TensorBoard
+    events = json.loads(trace.read_text())["traceEvents"]
+    steps = sorted({e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")})
+    assert steps == ["ProfilerStep#2", "ProfilerStep#3", "ProfilerStep#4"]  # counted from 0: steps 3 to 5
+    ops = {e["name"] for e in events if e.get("cat") == "cpu_op"}
+    assert {"aten::addmm", "aten::mse_loss"} <= ops  # the toy model's linear layers and loss
+    assert "Self CPU time total" in result.stdout and f"--profile: steps 3-5 traced in {run_dir / 'profile'}" \
+        in result.stdout
+    short = fork.call("train.py", "--root_dir", str(tmp_path / "short"), "--profile", "--fast_run")  # 2 steps
+    assert short.returncode == 0 and "--profile: 2 optimizer step(s) to train, fewer than 5: nothing to trace" \
+        in short.stdout and not (only_run_dir(tmp_path / "short") / "profile").exists()
+
+
+def test_detect_anomaly_and_deterministic_switch_pytorch_modes_on(monkeypatch):
+    import utils
+    from config import DebugConfig
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = torch.is_anomaly_enabled(), torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    try:
+        utils.set_debug_modes(DebugConfig(detect_anomaly=True, deterministic=True))
+        modes = torch.is_anomaly_enabled(), torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+        workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+        x = torch.zeros(1, requires_grad=True)
+        # 0 x inf: the error names the backward op, and a warning shows where its forward op was called.
+        with pytest.raises(RuntimeError, match="'SqrtBackward0' returned nan values"), \
+                pytest.warns(UserWarning, match="Error detected in SqrtBackward0. Traceback of forward call"):
+            (x.sqrt() * 0).backward()
+    finally:
+        torch.autograd.set_detect_anomaly(before[0])
+        torch.use_deterministic_algorithms(before[1])
+        torch.backends.cudnn.benchmark = before[2]
+    assert modes == (True, True, False) and workspace == ":4096:8"
+    utils.set_debug_modes(DebugConfig())
+    assert not torch.is_anomaly_enabled() and not torch.are_deterministic_algorithms_enabled()
+
+
+def test_plots_py_compares_runs_and_aggregates_seeds_of_one_recipe(fork, tmp_path):
+    args = ["--epochs", "3", "--num_samples", "150", "--eff_batch_size", "8", "--log_interval", "2"]
+    seeds = [fork.train(tmp_path / "runs", *args, "--lr", "0.003", "--seed", str(seed), "--out_dir", f"seed{seed}")
+             for seed in (1, 2, 3)]
+    other = fork.train(tmp_path / "runs", *args, "--lr", "0.01", "--devices", "1")  # where it ran is not the recipe
+    out = tmp_path / "comparison.png"
+    result = fork.run("plots.py", *map(str, [*seeds, other]), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "best: over each run's validations; the rest: the last value logged"
+    assert lines[1].split() == ["recipe", "runs", "best", "val/mae", "train/loss", "val/loss", "val/mae", "val/mse"]
+    assert lines[-1] == f"Wrote {out}"
+    rows = {line.split("  ")[0].strip(): line for line in lines[2:4]}
+    assert set(rows) == {"lr=0.003 (3 seeds)", "lr=0.01"}
+
+    def logged(run: Path, key: str) -> list[float]:
+        return [float(row[key]) for row in csv_rows(run) if row[key]]
+
+    best = [min(logged(run, "val/mae")) for run in seeds]
+    last_loss = [logged(run, "train/loss")[-1] for run in seeds]
+    for values in (best, last_loss):
+        assert f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}" in rows["lr=0.003 (3 seeds)"]
+    assert f"{min(logged(other, 'val/mae')):.4f}" in rows["lr=0.01"] and "±" not in rows["lr=0.01"]
+    assert_real_png(out, min_width=1000)  # 4 panels: train/loss, val/loss, val/mae, val/mse
+
+    refused = fork.run("plots.py", str(seeds[0]), str(tmp_path))
+    assert refused.returncode == 2 and refused.stderr.strip() == \
+        f"error: not a run directory with logs/csv/metrics.csv: {tmp_path}"
