@@ -246,7 +246,10 @@ def _weights_of(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     where they come from, in words; or a plain state dict's."""
     from ema import averaged_weights
 
-    verify(path)
+    try:
+        verify(path)
+    except UsageError as err:
+        raise UsageError(f"--init_from {path}: {err.problems[0]}") from None
     try:
         loaded = _load_distributed_checkpoint(path) if path.is_dir() else torch.load(
             path, mmap=True, map_location="cpu", weights_only=True)

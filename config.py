@@ -278,11 +278,6 @@ def validate(cfg: TrainConfig) -> list[str]:
           f"--root_dir {cfg.root_dir!r} is not a directory")
     check(cfg.out_dir != "" and "/" not in cfg.out_dir and cfg.out_dir not in (".", ".."),
           f"--out_dir {cfg.out_dir!r} must be a plain, non-empty directory name")
-    check(not cfg.init_from or Path(cfg.init_from).exists(), f"--init_from {cfg.init_from!r}: no such checkpoint, "
-          "run directory or state dict file")
-    check(not cfg.init_from or not (Path(cfg.init_from) / "config.yaml").is_file() or
-          (Path(cfg.init_from) / "checkpoints" / "best.ckpt").exists(),
-          f"--init_from {cfg.init_from!r}: the run has no checkpoints/best.ckpt yet; pass one of its checkpoint files")
     check(cfg.max_time == "" or (re.fullmatch(r"\d+:\d+:\d+:\d+", cfg.max_time) is not None and
                                  cfg.time_budget() > 0),
           f"--max_time {cfg.max_time!r} must be a time budget DD:HH:MM:SS longer than 0, e.g. 00:04:00:00")
@@ -311,6 +306,11 @@ def validate(cfg: TrainConfig) -> list[str]:
     check(opt.weight_decay >= 0, f"--weight_decay {opt.weight_decay} must be >= 0")
     check(opt.grad_clip >= 0, f"--grad_clip {opt.grad_clip} must be >= 0 (0 disables clipping)")
     check(0 <= opt.ema_decay < 1, f"--ema_decay {opt.ema_decay} must be in [0, 1) (0 disables the EMA)")
+    check(not opt.ema_decay or hw.precision not in ("bf16-true", "16-true"),
+          f"--ema_decay with --precision {hw.precision}: an average held in 16 bits loses the small updates it is made "
+          "of; use bf16-mixed or 16-mixed (float32 weights)")
+    check(not opt.ema_decay or hw.strategy != "fsdp1",
+          "--ema_decay with --strategy fsdp1 is not supported (never run); use --strategy fsdp")
     check(log.log_interval >= 1, f"--log_interval {log.log_interval} must be >= 1")
     check(log.log_per_epoch >= 0, f"--log_per_epoch {log.log_per_epoch} must be >= 0")
     check(log.checkpoint_frequency >= 1, f"--checkpoint_frequency {log.checkpoint_frequency} must be >= 1")
@@ -481,6 +481,9 @@ def parse_train_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
             raise UsageError(f"--ema_decay {cfg.optim.ema_decay}: the run was trained without an EMA, so its "
                              f"checkpoints hold none to continue; start a new run from its weights with "
                              f"--init_from {resumed_run(cfg.resume)} --ema_decay {cfg.optim.ema_decay}")
+        if saved.optim.ema_decay and not cfg.optim.ema_decay:
+            raise UsageError("--ema_decay 0: the run's validation and best.ckpt judge its EMA, and a resume cannot "
+                             "switch that off; evaluate its raw weights with test.py --weights raw")
     return _validated(cfg)
 
 
@@ -509,10 +512,22 @@ def _given(argv: Sequence[str], flag: str) -> bool:
 
 
 def _validated(cfg: TrainConfig) -> TrainConfig:
-    problems = validate(cfg)
+    problems = validate(cfg) + ([] if cfg.resume else _init_from_problems(cfg.init_from))
     if problems:
         raise UsageError(*problems)
     return cfg
+
+
+def _init_from_problems(init_from: str) -> list[str]:
+    """For a new run only: a resumed run continues from its own checkpoint, and the source may be gone by then."""
+    path = Path(init_from)
+    if not init_from:
+        return []
+    if not path.exists():
+        return [f"--init_from {init_from!r}: no such checkpoint, run directory or state dict file"]
+    if (path / "config.yaml").is_file() and not (path / "checkpoints" / "best.ckpt").exists():
+        return [f"--init_from {init_from!r}: the run has no checkpoints/best.ckpt yet; pass one of its checkpoint files"]
+    return []
 
 
 AUTO_RESUME_ENV = "TEMPLATE_AUTO_RESUME_DIR"
@@ -547,10 +562,11 @@ def _auto_resume_dir(cfg: TrainConfig) -> str:
     return decision
 
 
-def load_train_config(path: Path) -> TrainConfig:
-    """A run's saved config.yaml, validated (it may have been edited by hand)."""
+def load_train_config(path: Path, validated: bool = True) -> TrainConfig:
+    """A run's saved config.yaml, with the defaults of fields it predates; validated (it may have been edited by
+    hand), unless only read (plots.py compares finished runs, whose --init_from source may be gone)."""
     cfg = _parse(TrainConfig, [], defaults_file=path)
-    problems = validate(cfg)
+    problems = validate(cfg) if validated else []
     if problems:
         raise UsageError(*(f"{path}: {p}" for p in problems))
     return cfg

@@ -10,6 +10,7 @@ import contextlib
 from typing import Iterator
 
 import torch
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX  # --activation_checkpointing
 
 
 class EMA(torch.optim.Optimizer):
@@ -17,8 +18,10 @@ class EMA(torch.optim.Optimizer):
     min(decay, (1 + step) / (10 + step)): early weights, which are soon left behind, do not dominate the average."""
 
     def __init__(self, model: torch.nn.Module, decay: float) -> None:
-        named = [(name, p) for name, p in _unwrapped(model).named_parameters() if p.requires_grad]
-        super().__init__(named, {})  # the names go into the state dict: --init_from and test.py read them
+        # The names go into the state dict (--init_from reads them), spelled as in the model's state dict.
+        named = [(name.replace(_CHECKPOINT_PREFIX, ""), p) for name, p in _unwrapped(model).named_parameters()
+                 if p.requires_grad]
+        super().__init__(named, {})
         self.decay, self.module = decay, _unwrapped(model)
         self.params = [p for _, p in named]
         for p in self.params:
@@ -65,7 +68,8 @@ def averaged_weights(checkpoint: dict) -> dict[str, torch.Tensor]:
     saved = checkpoint["ema"]
     names = [name for group in saved["param_groups"] for name in group.get("param_names", group["params"])]
     positions = [position for group in saved["param_groups"] for position in group["params"]]
-    return {name: saved["state"][position]["average"] for name, position in zip(names, positions)}
+    return {name.replace(_CHECKPOINT_PREFIX, ""): saved["state"][position]["average"]
+            for name, position in zip(names, positions)}
 
 
 def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:

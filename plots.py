@@ -16,6 +16,8 @@ from pathlib import Path
 import matplotlib
 import yaml
 
+from errors import exit_on_usage_error
+
 matplotlib.use("Agg")  # files only: no display needed on a cluster node
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -78,16 +80,20 @@ def logged_monitor(run_dir: Path) -> tuple[str | None, str]:
     return hparams.get("monitor_used"), hparams.get("monitor_mode_used", "max")
 
 
-# Config fields that say where and how a run ran, not what it computed: runs that differ only in these (and the
-# seed) are seeds of one recipe.
+# Config fields that say where and how a run ran, logged and checkpointed, not what it computed: runs that differ
+# only in these (and the seed) are seeds of one recipe. (The same math on any devices and micro-batch split.)
 NOT_THE_RECIPE = ("seed", "root_dir", "out_dir", "comment", "project", "resume", "requeue", "logger_name", "max_time",
-                  "hardware.", "debug.profile")
+                  "hardware.", "optim.max_batch_size_per_device", "data.data_dir", "log.log_interval",
+                  "log.log_per_epoch", "log.checkpoint_frequency", "log.checkpoint_every_n_steps",
+                  "log.num_checkpoint_keep", "debug.profile", "debug.detect_anomaly", "debug.deterministic")
 
 
 def recipes(run_dirs: list[Path]) -> dict[str, list[Path]]:
-    """The runs grouped by recipe (their config.yaml without NOT_THE_RECIPE), each named by the fields in which the
-    recipes differ (or by the run's name, when there is one recipe of one run)."""
-    configs = {run: _flat(yaml.safe_load((run / "config.yaml").read_text()) or {}) for run in run_dirs}
+    """The runs grouped by recipe (their config without NOT_THE_RECIPE; a field a run's config.yaml predates has its
+    default), each named by the fields in which the recipes differ (or by the out_dir, for a single recipe)."""
+    from config import flatten, load_train_config  # imports torch (the task's config): only to compare runs
+
+    configs = {run: flatten(load_train_config(run / "config.yaml", validated=False)) for run in run_dirs}
     recipe_of = {run: tuple(sorted((key, repr(value)) for key, value in config.items()
                                    if not key.startswith(NOT_THE_RECIPE))) for run, config in configs.items()}
     groups: dict[tuple, list[Path]] = {}
@@ -104,13 +110,6 @@ def recipes(run_dirs: list[Path]) -> dict[str, list[Path]]:
     return named
 
 
-def _flat(config: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in config.items():
-        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return out
-
-
 def compare(run_dirs: list[Path], out: Path) -> str:
     """Overlay the runs' curves in `out` (one panel per logged loss and validation metric, seeds of one recipe as
     their mean with a +-1 std band) and return a table of each recipe's best monitored value and final numbers."""
@@ -122,13 +121,14 @@ def compare(run_dirs: list[Path], out: Path) -> str:
     for (name, runs), color in zip(groups.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 10):
         for key, ax in zip(keys, axes[0]):
             curves = [dict(series[run][key]) for run in runs if key in series[run]]
-            steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+            steps = sorted({step for curve in curves for step in curve})  # seeds that stopped early end sooner
             if not steps:
                 continue
-            mean = [statistics.fmean(c[s] for c in curves) for s in steps]
+            at = {step: [curve[step] for curve in curves if step in curve] for step in steps}
+            mean = [statistics.fmean(at[step]) for step in steps]
             ax.plot(steps, mean, color=color, label=name, marker="o" if key.startswith("val/") else None, markersize=3)
             if len(curves) > 1:
-                std = [statistics.stdev(c[s] for c in curves) for s in steps]
+                std = [statistics.stdev(at[step]) if len(at[step]) > 1 else 0.0 for step in steps]
                 ax.fill_between(steps, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
                                 color=color, alpha=0.2, linewidth=0)
     for key, ax in zip(keys, axes[0]):
@@ -136,6 +136,7 @@ def compare(run_dirs: list[Path], out: Path) -> str:
         ax.grid(alpha=0.3)
     axes[0][0].legend()
     fig.suptitle(f"{len(run_dirs)} runs, {len(groups)} recipe(s)")
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return _table(groups, series)
@@ -171,14 +172,18 @@ def cli(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dirs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, default=Path("comparison.png"), help="the comparison figure")
     args = parser.parse_args(argv)
-    missing = [str(run) for run in args.run_dirs if not (run / "logs" / "csv" / "metrics.csv").is_file()]
+    run_dirs = list(dict.fromkeys(run.resolve() for run in args.run_dirs))  # a run given twice is one run
+    missing = [str(run) for run in run_dirs if not (run / "logs" / "csv" / "metrics.csv").is_file()
+               or not (run / "config.yaml").is_file()]
     if missing:
-        print(f"error: not a run directory with logs/csv/metrics.csv: {', '.join(missing)}", file=sys.stderr)
+        print(f"error: not a run directory with config.yaml and logs/csv/metrics.csv: {', '.join(missing)}",
+              file=sys.stderr)
         sys.exit(2)
-    if len(args.run_dirs) == 1:
-        print(f"Wrote {draw_curves(args.run_dirs[0], *logged_monitor(args.run_dirs[0]))}")
+    if len(run_dirs) == 1:
+        print(f"Wrote {draw_curves(run_dirs[0], *logged_monitor(run_dirs[0]))}")
         return
-    print(compare(args.run_dirs, args.out))
+    with exit_on_usage_error():  # a hand-edited config.yaml that does not parse: one line
+        print(compare(run_dirs, args.out))
     print(f"Wrote {args.out}")
 
 

@@ -56,7 +56,7 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
     fabric.seed_everything(cfg.seed)  # the same initial weights on every rank
     with fabric.rank_zero_first(local=True), fabric.init_module():  # --pretrained weights: one download per node
         model = build_model(cfg.arch, info)
-    if cfg.init_from:  # a new run from other weights (fine-tuning): only the weights, nothing else of that run
+    if cfg.init_from and not cfg.resume:  # a new run from other weights (fine-tuning): only the weights
         fabric.print(checkpoints.init_weights(model, Path(cfg.init_from)))
     if fabric.global_rank > 0:  # from here on, each rank its own random stream (dropout masks, augmentation)
         seed_everything(cfg.seed + fabric.global_rank, verbose=False)
@@ -88,6 +88,7 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
              "loss_sum": torch.zeros((), device=fabric.device), "loss_count": 0, **({"ema": ema} if ema else {})}
     flops_per_batch = utils.training_flops(lambda: build_model(cfg.arch, info, pretrained=False), task.forward,
                                            first_batch)
+    stopped_early = ""  # early stopping: why the run ends before its last epoch
     if cfg.resume:
         checkpoint, damaged = checkpoints.load_newest_checkpoint(fabric, Path(cfg.resume), state)
         if damaged:  # newer checkpoints that did not load: kept, but out of the rotation, which would prune good ones
@@ -105,10 +106,13 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
                          f"the {mode} {monitor}")
             state["best"] = {"metric": monitor, "mode": mode, "value": None, "epoch": 0}
             state["patience"] = {"value": None, "stale_epochs": 0}
-        if checkpoint.name == "final.ckpt" and out_of_patience(state, cfg.log):
-            fabric.print(f"The run stopped early at epoch {state['epoch']}: {out_of_patience(state, cfg.log)}; pass a "
-                         "larger --early_stopping_patience to train further.")
+        stopped_early = out_of_patience(state, cfg.log) if state["sample_offset"] == 0 else ""  # at an epoch's end
+        if stopped_early and checkpoint.name == "final.ckpt":
+            fabric.print(f"The run stopped early at epoch {state['epoch']}: {stopped_early}; pass a larger "
+                         "--early_stopping_patience to train further.")
             return
+        if stopped_early:  # a signal or --max_time stopped it right after that epoch: only the end of the run is left
+            fabric.print(f"The run ran out of patience at epoch {state['epoch']}: {stopped_early}; finishing the run")
         if state["epoch"] >= epochs and checkpoint.name == "final.ckpt":
             fabric.print(f"The run already finished its {epochs} epochs; pass a larger --epochs to train further.")
             return
@@ -153,11 +157,11 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
     throughput = ThroughputMonitor(fabric, window_size=3)  # samples/s over the last 2 log intervals; MFU on GPUs
     flops_per_step = None if flops_per_batch is None else flops_per_batch * accum_steps
     stop = utils.StopSignals(cfg.time_budget())
-    start_time, start_step, stopped_early = time.perf_counter(), state["global_step"], ""
-    total_steps = epochs * steps_per_epoch
+    start_time, start_step = time.perf_counter(), state["global_step"]
+    total_steps, last_epoch = epochs * steps_per_epoch, state["epoch"] if stopped_early else epochs
     with utils.Progress(fabric, total_steps, state["global_step"]) as progress, \
             utils.step_profiler(cfg.debug.profile, run_dir, fabric, total_steps - state["global_step"]) as profiler:
-        for epoch in range(state["epoch"], epochs):
+        for epoch in range(state["epoch"], last_epoch):
             model.train()
             sampler.set_position(epoch, state["sample_offset"])  # we own the epoch, not Fabric's dataloader wrapper
             for micro_step, batch in enumerate(train_loader):
@@ -312,9 +316,9 @@ def best_summary(best: dict[str, Any]) -> str:
 
 def count_patience(patience: dict[str, Any], score: float, mode: str, min_delta: float) -> None:
     """Early stopping's count: an epoch whose `score` beats the reference by more than `min_delta` becomes the new
-    reference; any other (a NaN included) is one more stale epoch."""
+    reference (as does any after a NaN); any other (a NaN included) is one more stale epoch."""
     reference = patience["value"]
-    if reference is None or (score - reference > min_delta if mode == "max" else reference - score > min_delta):
+    if reference is None or math.isnan(reference) or (score - reference > min_delta if mode == "max" else reference - score > min_delta):
         patience.update(value=score, stale_epochs=0)
     else:
         patience["stale_epochs"] += 1

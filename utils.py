@@ -6,6 +6,7 @@ Nothing here knows the task: what a batch holds, the loss and the metrics live i
 import contextlib
 import csv
 import fcntl
+import gc
 import io
 import multiprocessing
 import os
@@ -288,6 +289,11 @@ def _call_then_leave_process_group(function: Callable, args: tuple, fabric: Fabr
     finally:
         if torch.distributed.is_initialized():  # a process that exits with the group still up may abort (gloo)
             torch.distributed.destroy_process_group()
+            # A group that a reference cycle still holds (found on rank 0) keeps gloo's worker threads running until
+            # the interpreter's final collection; one of them freeing a finished collective's tensors then needs
+            # the GIL the exiting interpreter holds, and the process aborts ("terminate called without an active
+            # exception", SIGABRT). Collected now, the group stops its threads while Python is whole.
+            gc.collect()
 
 
 def training_flops(build_model: Callable[[], torch.nn.Module], forward: Callable, batch: Any) -> int | None:

@@ -24,10 +24,11 @@ def flip_a_bit(checkpoint: Path, to: Path) -> None:
 
 @pytest.fixture(scope="module")
 def world(fork, tmp_path_factory) -> Path:
-    """A root with a finished run, a copy with a hand-edited config, a copy whose checkpoints are all
+    """A root with a finished run, one with an EMA, a copy with a hand-edited config, a copy whose checkpoints are all
     truncated, config files good and bad, and a checkpoint of another model."""
     root = tmp_path_factory.mktemp("world")
     run = fork.train(root / "runs", "--fast_run", "--out_dir", "good")
+    fork.train(root / "runs", "--fast_run", "--out_dir", "ema", "--ema_decay", "0.9").rename(root / "runs" / "with_ema")
     edited = root / "runs" / "edited"
     shutil.copytree(run, edited)
     (edited / "config.yaml").write_text((run / "config.yaml").read_text().replace("dataset: waves", "dataset: wavez"))
@@ -103,6 +104,25 @@ CASES = [
      "{world}/runs/edited/config.yaml: --dataset 'wavez' is not one of"),
     ("resume no loadable checkpoint", "train", ["--resume", "{world}/runs/broken"],
      "has no loadable checkpoint in {world}/runs/broken/checkpoints (2 could not be loaded)"),
+    ("EMA decay of 1", "train", ["--ema_decay", "1"], "--ema_decay 1.0 must be in [0, 1) (0 disables the EMA)"),
+    ("EMA in 16 bits", "train", ["--ema_decay", "0.999", "--precision", "bf16-true"],
+     "--ema_decay with --precision bf16-true: an average held in 16 bits loses the small updates it is made of"),
+    ("EMA under FSDP1", "train", ["--ema_decay", "0.999", "--strategy", "fsdp1"],
+     "--ema_decay with --strategy fsdp1 is not supported (never run); use --strategy fsdp"),
+    ("resume starts an EMA", "train", ["--resume", "{run}", "--ema_decay", "0.99"],
+     "--ema_decay 0.99: the run was trained without an EMA, so its checkpoints hold none to continue; start a new "
+     "run from its weights with --init_from {run} --ema_decay 0.99"),
+    ("resume stops the EMA", "train", ["--resume", "{world}/runs/with_ema", "--ema_decay", "0"],
+     "--ema_decay 0: the run's validation and best.ckpt judge its EMA, and a resume cannot switch that off"),
+    ("init_from not a checkpoint", "train", ["--init_from", "{world}/notes.txt"],
+     "--init_from {world}/notes.txt: cannot load checkpoint {world}/notes.txt: not a complete checkpoint file"),
+    ("time budget not DD:HH:MM:SS", "train", ["--max_time", "4:00:00"],
+     "--max_time '4:00:00' must be a time budget DD:HH:MM:SS longer than 0, e.g. 00:04:00:00"),
+    ("negative patience", "train", ["--early_stopping_patience", "-1"],
+     "--early_stopping_patience -1 must be >= 0 (0 disables early stopping)"),
+    ("overfit a negative number of batches", "train", ["--overfit_batches", "-1"], "--overfit_batches -1 must be >= 0"),
+    ("test: the EMA of a run without one", "test", ["--out_dir", "{run}", "--weights", "ema"],
+     "--weights ema: the run kept no EMA of its weights (its --ema_decay is 0); use raw or auto"),
     ("test: no run dir", "test", ["--out_dir", "{world}/runs/nope"], "no such run directory"),
     ("test: out_dir missing", "test", [], "--out_dir is required"),
     ("test: checkpoint nowhere", "test", ["--out_dir", "{run}", "--checkpoint", "{world}/nope.ckpt"],

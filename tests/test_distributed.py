@@ -448,6 +448,16 @@ def test_early_stopping_is_agreed_by_both_processes_and_resumes_with_its_count(f
     assert "stopped early after epoch 4 of 6" in resumed.stdout
     assert max_abs_diff(final(cut), final(run_dir)) < SAME_MATH
 
+    # Stopped (a signal, --max_time) right after the epoch that ran out of patience: a resume only finishes the run.
+    signalled = tmp_path / "signalled"
+    shutil.copytree(run_dir, signalled)
+    (signalled / "checkpoints" / "final.ckpt").unlink()
+    finished = fork.call("train.py", "--resume", str(signalled), *one)
+    assert finished.returncode == 0 and "The run ran out of patience at epoch 4: val/mae has not improved by more " \
+                                        "than 1e+09 for 3 epochs (--early_stopping_patience 3); finishing the run" \
+                                        in finished.stdout
+    assert torch.load(final(signalled), weights_only=True)["global_step"] == 4 * per_epoch
+
     # A run that stopped early says so when resumed; a larger patience trains it on.
     again = fork.call("train.py", "--resume", str(run_dir), *one)
     assert again.returncode == 0 and "The run stopped early at epoch 4: val/mae has not improved by more than 1e+09 " \

@@ -49,9 +49,12 @@ def test_activation_checkpointing_gives_the_same_training_with_the_same_checkpoi
     # Dropout sits inside the CNN's classifier block: the recomputation must replay the same masks.
     args = ["--fast_run", "--dropout", "0.5", "--precision", "64-true"]
     plain = model_weights(train_in_process(tmp_path / "plain", *args) / "checkpoints" / "final.ckpt")
-    recomputed_run = train_in_process(tmp_path / "ac", *args, "--activation_checkpointing")
+    recomputed_run = train_in_process(tmp_path / "ac", *args, "--activation_checkpointing", "--ema_decay", "0.9")
     recomputed = model_weights(recomputed_run / "checkpoints" / "final.ckpt")
     assert recomputed.keys() == plain.keys()  # no wrapper names: test.py and resume see the plain model
+    from ema import averaged_weights  # nor in the EMA's names, which --init_from matches against the model's
+
+    assert averaged_weights(torch.load(recomputed_run / "checkpoints" / "final.ckpt")).keys() == plain.keys()
     assert all(torch.equal(recomputed[k], plain[k]) for k in plain)  # the same gradients, to the bit
     assert run_cli("test", "--out_dir", str(recomputed_run), "--checkpoint", "final") == 0
 

@@ -506,10 +506,15 @@ def test_init_from_loads_the_weights_that_fit_a_new_head_and_nothing_else_of_the
         assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [error], refused.stderr
         assert snapshot(tmp_path) == before
 
+    source.rename(tmp_path / "moved")  # a resume continues from its own checkpoint: the source is not needed
+    resumed = fork.call("train.py", "--resume", str(fine), "--epochs", "2")
+    assert resumed.returncode == 0 and "--init_from" not in resumed.stdout, resumed.stderr
+
 
 @pytest.mark.parametrize(("mode", "min_delta", "scores", "stale"), [
     ("min", 0.1, [1.0, 0.95, 0.85, 0.9, float("nan"), 0.7], [0, 1, 0, 1, 2, 0]),  # 0.05 is too small; NaN is stale
     ("max", 0.0, [0.5, 0.5, 0.6, 0.55], [0, 1, 0, 1]),  # a tie is no improvement
+    ("min", 0.0, [float("nan"), 1.0, 1.0], [0, 0, 1]),  # any number beats a NaN reference
 ])
 def test_early_stopping_counts_only_improvements_larger_than_min_delta(mode, min_delta, scores, stale):
     from train import count_patience
@@ -564,11 +569,12 @@ def test_detect_anomaly_and_deterministic_switch_pytorch_modes_on(monkeypatch):
 
 def test_plots_py_compares_runs_and_aggregates_seeds_of_one_recipe(fork, tmp_path):
     args = ["--epochs", "3", "--num_samples", "150", "--eff_batch_size", "8", "--log_interval", "2"]
-    seeds = [fork.train(tmp_path / "runs", *args, "--lr", "0.003", "--seed", str(seed), "--out_dir", f"seed{seed}")
-             for seed in (1, 2, 3)]
-    other = fork.train(tmp_path / "runs", *args, "--lr", "0.01", "--devices", "1")  # where it ran is not the recipe
-    out = tmp_path / "comparison.png"
-    result = fork.run("plots.py", *map(str, [*seeds, other]), "--out", str(out))
+    # What differs between the seeds besides --seed (their names, how often they checkpoint) is not the recipe.
+    seeds = [fork.train(tmp_path / "runs", *args, "--lr", "0.003", "--seed", str(seed), "--out_dir", f"seed{seed}",
+                        "--num_checkpoint_keep", str(seed)) for seed in (1, 2, 3)]
+    other = fork.train(tmp_path / "runs", *args, "--lr", "0.01", "--devices", "1")
+    out = tmp_path / "figures" / "comparison.png"
+    result = fork.run("plots.py", *map(str, [*seeds, other, seeds[0]]), "--out", str(out))  # one run given twice
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "best: over each run's validations; the rest: the last value logged"
@@ -589,4 +595,4 @@ def test_plots_py_compares_runs_and_aggregates_seeds_of_one_recipe(fork, tmp_pat
 
     refused = fork.run("plots.py", str(seeds[0]), str(tmp_path))
     assert refused.returncode == 2 and refused.stderr.strip() == \
-        f"error: not a run directory with logs/csv/metrics.csv: {tmp_path}"
+        f"error: not a run directory with config.yaml and logs/csv/metrics.csv: {tmp_path}"
