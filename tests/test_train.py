@@ -574,7 +574,7 @@ def test_plots_py_compares_runs_and_aggregates_seeds_of_one_recipe(fork, tmp_pat
                         "--num_checkpoint_keep", str(seed)) for seed in (1, 2, 3)]
     other = fork.train(tmp_path / "runs", *args, "--lr", "0.01", "--devices", "1")
     out = tmp_path / "figures" / "comparison.png"
-    result = fork.run("plots.py", *map(str, [*seeds, other, seeds[0]]), "--out", str(out))  # one run given twice
+    result = fork.call("plots.py", *map(str, [*seeds, other, seeds[0]]), "--out", str(out))  # one run given twice
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "best: over each run's validations; the rest: the last value logged"
@@ -593,6 +593,6 @@ def test_plots_py_compares_runs_and_aggregates_seeds_of_one_recipe(fork, tmp_pat
     assert f"{min(logged(other, 'val/mae')):.4f}" in rows["lr=0.01"] and "±" not in rows["lr=0.01"]
     assert_real_png(out, min_width=1000)  # 4 panels: train/loss, val/loss, val/mae, val/mse
 
-    refused = fork.run("plots.py", str(seeds[0]), str(tmp_path))
+    refused = fork.call("plots.py", str(seeds[0]), str(tmp_path))
     assert refused.returncode == 2 and refused.stderr.strip() == \
         f"error: not a run directory with config.yaml and logs/csv/metrics.csv: {tmp_path}"
