@@ -1,7 +1,11 @@
 """What this template's training loop costs per step, next to a raw PyTorch loop and the Lightning Trainer.
 
-    python benchmarks/overhead.py                      # ~2 min on a 2-core CPU
+    python benchmarks/overhead.py                      # ~4 min on a 2-core CPU
     python benchmarks/overhead.py --speed_options      # also --channels_last, --compile, an unfused optimizer
+
+Reported: steps/s and ms/step of each (median over the repeats, with min and max), the template's and the
+Trainer's overhead over raw in ms/step (round by round), the data wait and the checkpoint cost, and the whole-
+process time of `train.py --help`, of a bad flag and of the default run (start-up).
 
 Same model (the default CNN), data (digits, in memory), batch size (64) and precision (32-true) for each
 contender, in one process. The contenders alternate within each repeat, so that drift of the machine hits them
@@ -25,6 +29,7 @@ import logging
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -178,9 +183,9 @@ def _patched(owner: Any, name: str, value: Any):  # noqa: ANN202
         setattr(owner, name, original)
 
 
-def measure(contenders: dict[str, Callable[[], dict]], repeats: int) -> dict[str, dict]:
-    """Median over `repeats` of each contender's numbers, the contenders taking turns (order rotated each repeat).
-    One round before them warms up the allocator, the caches and the lazy imports, and is not counted."""
+def measure(contenders: dict[str, Callable[[], dict]], repeats: int) -> dict[str, list[dict]]:
+    """Each contender's numbers from each of `repeats` rounds, the contenders taking turns (order rotated each
+    round). One round before them warms up the allocator, the caches and the lazy imports, and is not counted."""
     names = list(contenders)
     for name in names:
         _quietly(contenders[name])
@@ -190,7 +195,27 @@ def measure(contenders: dict[str, Callable[[], dict]], repeats: int) -> dict[str
             results[name].append(_quietly(contenders[name]))
             print(f"  repeat {repeat + 1}/{repeats} {name:<24} {results[name][-1]['steps_per_sec']:7.1f} steps/s",
                   file=sys.__stderr__, flush=True)
-    return {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]} for name, runs in results.items()}
+    return results
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def overhead_ms(runs: dict[str, list[dict]], name: str) -> dict[str, float]:
+    """`name`'s ms/step minus raw's, round by round (the two ran back to back, on the same machine state)."""
+    return spread([1000 / a["steps_per_sec"] - 1000 / b["steps_per_sec"] for a, b in zip(runs[name], runs["raw"])])
+
+
+def startup_seconds(command: list[str], repeats: int) -> float | None:
+    """Median wall time of `command` as a whole process (interpreter start, imports and all), None if repeats is 0.
+    Its exit code is not checked: a bad flag is meant to fail."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run(command, capture_output=True, cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"})
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) if times else None
 
 
 def _quietly(function: Callable[[], dict]) -> dict:
@@ -204,6 +229,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10, help="epochs per run (20 steps each)")
     parser.add_argument("--repeats", type=int, default=5, help="runs per contender; the median is reported")
     parser.add_argument("--speed_options", action="store_true", help="also --channels_last, --compile, unfused AdamW")
+    parser.add_argument("--startup_repeats", type=int, default=5, help="whole-process runs of train.py --help, of a "
+                        "bad flag and of the default run, each (median reported); 0 skips them")
     parser.add_argument("--name", default=f"{platform.machine()}-{os.cpu_count()}cpu", help="results file name")
     parser.add_argument("--results_dir", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
@@ -218,18 +245,30 @@ def main() -> None:
         contenders |= {"raw, unfused AdamW": lambda: run_raw(args.epochs, fused=False),
                        "template --channels_last": lambda: run_template(args.epochs, ("--channels_last",)),
                        "template --compile": lambda: run_template(args.epochs, ("--compile",))}
-    results = measure(contenders, args.repeats)
+    runs = measure(contenders, args.repeats)
+    results = {name: {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+               for name, rounds in runs.items()}
     raw, template, trainer = results["raw"], results["template"], results["trainer"]
+    with tempfile.TemporaryDirectory() as root:
+        train_py = [sys.executable, str(REPO / "train.py")]
+        startup = {"help": startup_seconds([*train_py, "--help"], args.startup_repeats),
+                   "bad_flag": startup_seconds([*train_py, "--epochs", "many"], args.startup_repeats),
+                   "default_run": startup_seconds([*train_py, "--root_dir", root], args.startup_repeats)}
     report = {
         "steps_per_sec": {name: r["steps_per_sec"] for name, r in results.items()},
+        "ms_per_step": {name: spread([1000 / r["steps_per_sec"] for r in rounds]) for name, rounds in runs.items()},
+        "template_minus_raw_ms_per_step": overhead_ms(runs, "template"),
+        "trainer_minus_raw_ms_per_step": overhead_ms(runs, "trainer"),
         "template_vs_raw": template["steps_per_sec"] / raw["steps_per_sec"],
         "template_vs_trainer": template["steps_per_sec"] / trainer["steps_per_sec"],
         "data_wait_fraction": template["data_wait_fraction"],
         "checkpoint_seconds": template["checkpoint_seconds"],
         "checkpoint_fraction": template["checkpoint_fraction"],
         "checkpoints_per_run": template["checkpoints"],
+        "startup_seconds": startup,
         "setting": {"dataset": "digits", "model": "cnn", "batch_size": BATCH_SIZE, "precision": "32-true",
-                    "epochs": args.epochs, "repeats": args.repeats, "steps_per_epoch": 20},
+                    "epochs": args.epochs, "repeats": args.repeats, "steps_per_epoch": 20,
+                    "startup_repeats": args.startup_repeats},
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
@@ -241,14 +280,20 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
 
-    print("\n| contender | steps/s | ms/step | vs raw |\n|---|---:|---:|---:|")
+    print("\n| contender | steps/s | ms/step, median (min-max) | - raw, ms/step | vs raw |\n|---|---:|---:|---:|---:|")
     for name, r in results.items():
-        print(f"| {name} | {r['steps_per_sec']:.1f} | {1000 / r['steps_per_sec']:.2f} | "
-              f"{r['steps_per_sec'] / raw['steps_per_sec']:.3f} |")
+        ms, minus = report["ms_per_step"][name], overhead_ms(runs, name) if name != "raw" else None
+        print(f"| {name} | {r['steps_per_sec']:.1f} | {ms['median']:.2f} ({ms['min']:.2f}-{ms['max']:.2f}) | "
+              + (f"{minus['median']:+.2f} ({minus['min']:+.2f} to {minus['max']:+.2f})" if minus else "") +
+              f" | {r['steps_per_sec'] / raw['steps_per_sec']:.3f} |")
     print(f"\ntemplate/raw {report['template_vs_raw']:.3f}, template/Trainer {report['template_vs_trainer']:.3f}; "
           f"data wait {100 * report['data_wait_fraction']:.1f}% of template step time; checkpoint "
           f"{1000 * report['checkpoint_seconds']:.1f} ms each, {100 * report['checkpoint_fraction']:.1f}% of training "
-          f"time at the default cadence ({report['checkpoints_per_run']} per {args.epochs}-epoch run)\nWrote {out}")
+          f"time at the default cadence ({report['checkpoints_per_run']} per {args.epochs}-epoch run)")
+    if args.startup_repeats:
+        print("whole process, median of {}: train.py --help {help:.2f} s, a bad flag {bad_flag:.2f} s, the default "
+              "run {default_run:.2f} s".format(args.startup_repeats, **startup))
+    print(f"Wrote {out}")
 
 
 if __name__ == "__main__":

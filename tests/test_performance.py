@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 def test_overhead_benchmark_runs_and_writes_its_json(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "overhead.py"), "--epochs", "2", "--repeats",
-                             "1", "--name", "tiny", "--results_dir", str(tmp_path)],
+                             "1", "--name", "tiny", "--results_dir", str(tmp_path), "--startup_repeats", "0"],
                             capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "tiny.json").read_text())
@@ -23,9 +23,22 @@ def test_overhead_benchmark_runs_and_writes_its_json(tmp_path):
     assert set(steps) == {"raw", "template", "trainer"} and all(v > 0 for v in steps.values())
     assert report["template_vs_raw"] == pytest.approx(steps["template"] / steps["raw"])
     assert report["template_vs_trainer"] == pytest.approx(steps["template"] / steps["trainer"])
+    for name, per_second in steps.items():  # one round: median, min and max are that round's
+        assert report["ms_per_step"][name] == pytest.approx(dict.fromkeys(("median", "min", "max"), 1000 / per_second))
+    for name in ("template", "trainer"):
+        assert report[f"{name}_minus_raw_ms_per_step"]["median"] == pytest.approx(1000 / steps[name] -
+                                                                                  1000 / steps["raw"])
+    assert report["startup_seconds"] == {"help": None, "bad_flag": None, "default_run": None}  # skipped here
     assert 0 < report["data_wait_fraction"] < 1 and 0 < report["checkpoint_fraction"] < 1
     assert report["versions"]["torch"] == torch.__version__
     assert "| template |" in result.stdout and "template/raw" in result.stdout
+
+
+def test_startup_is_timed_as_a_whole_process():
+    from benchmarks.overhead import startup_seconds
+
+    seconds = startup_seconds([sys.executable, "-c", "import time; time.sleep(0.3)"], repeats=3)
+    assert 0.3 < seconds < 10 and startup_seconds([sys.executable, "-c", "pass"], repeats=0) is None
 
 
 def test_channels_last_trains_the_same_model_in_channels_last_memory(tmp_path):
