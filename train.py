@@ -133,10 +133,10 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
                                     "batch_size_per_device": batch_size, "grad_accum_steps": accum_steps,
                                     "monitor_used": monitor, "monitor_mode_used": mode})
     where = f"{fabric.device}, {cfg.hardware.precision}"
-    if cfg.debug.overfit_batches:
-        where += f" | --overfit_batches: the same {len(train_set)} samples to train and validate on"
     if fabric.device.type == "cpu":
         where += f", {torch.get_num_threads()} thread(s) per process"
+    if cfg.debug.overfit_batches:
+        where += f" | --overfit_batches: the same {len(train_set)} samples to train and validate on"
     fabric.print(f"Run dir: {run_dir}\n"
                  f"  {fabric.world_size} device(s) x {batch_size} samples x {accum_steps} accumulation step(s) "
                  f"= {cfg.optim.eff_batch_size} per optimizer step | lr {lr:.4g} ({cfg.optim.lr_rule()})\n"
