@@ -9,7 +9,6 @@ import math
 import os
 import pickle
 import random
-import re
 import shutil
 import sys
 import time
@@ -27,10 +26,8 @@ from lightning.fabric.utilities.load import _load_distributed_checkpoint
 from lightning.fabric.wrappers import _unwrap_objects
 from lightning.fabric.plugins import TorchCheckpointIO
 
+from config import PERIODIC_CHECKPOINT, is_checkpoint, periodic_checkpoints
 from errors import NonFiniteLoss, UsageError
-
-PERIODIC_CHECKPOINT = re.compile(r"^step-(\d+)\.ckpt$")
-
 
 class DirectCheckpointIO(TorchCheckpointIO):
     """Fabric's checkpoint writer, minus its own atomic save: save_checkpoint below already writes to a temporary
@@ -45,12 +42,6 @@ class DirectCheckpointIO(TorchCheckpointIO):
             Path(path).unlink(missing_ok=True)  # the space it took, back
             raise OSError(errno.EIO, f"could not write the checkpoint ({' '.join(str(err).split())[:200]})",
                           str(path)) from None
-
-
-def periodic_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """The periodic checkpoints (step-N.ckpt), oldest first, ordered by the step number in their name."""
-    found = [(int(m.group(1)), p) for p in ckpt_dir.glob("step-*.ckpt") if (m := PERIODIC_CHECKPOINT.match(p.name))]
-    return [p for _, p in sorted(found)]
 
 
 def checkpoint_step(path: Path) -> int:
@@ -202,7 +193,7 @@ def load_newest_checkpoint(fabric: Fabric, run_dir: Path, state: dict[str, Any])
     the newer ones that failed to load (truncated, corrupted, another model's), each skipped with a warning; the
     caller moves those aside once it owns the run, so that rotation never counts them. `run_dir` may be a
     checkpoint file: that one is loaded."""
-    if run_dir.is_file() or (run_dir / "meta.pt").is_file():  # a chosen checkpoint (config.is_checkpoint)
+    if is_checkpoint(run_dir):  # a chosen checkpoint
         load_checkpoint(fabric, run_dir, state)
         return run_dir, []
     ckpt_dir = run_dir / "checkpoints"

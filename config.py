@@ -4,8 +4,9 @@ Resolved once (defaults < --config_path YAML < command-line flags), validated on
 reported together, saved to RUN_DIR/config.yaml, and never mutated afterwards. Numbers that depend on the
 world size (per-device batch, accumulation steps) or on the data (log interval) are computed by methods.
 
-Machinery: the task's own flags live beside its code, DataConfig in data.py and ArchConfig in model.py, and
-check themselves (their `problems()`); --dataset and --model take the names in data.DATASETS and model.MODELS.
+Machinery: the task's own flags, DataConfig and ArchConfig, live in task_config.py and check themselves (their
+`problems()`); --dataset and --model take the names in its DATASETS and MODELS. Nothing here imports torch, so
+`--help` and bad input answer before train.py and test.py import it.
 """
 
 import argparse
@@ -21,9 +22,8 @@ from typing import Any, NoReturn, Optional, Sequence, Union, get_args, get_origi
 import simple_parsing
 import yaml
 
-from data import DATASETS, DataConfig
 from errors import UsageError
-from model import MODELS, ArchConfig
+from task_config import DATASETS, MODELS, ArchConfig, DataConfig
 
 LOGGERS = ("csv", "tensorboard", "wandb")
 LR_SCALING_RULES = ("none", "linear", "sqrt")
@@ -573,11 +573,45 @@ def load_train_config(path: Path, validated: bool = True) -> TrainConfig:
 
 
 def parse_test_config(argv: Optional[Sequence[str]] = None) -> TestConfig:
+    """test.py's config, checked against the run it evaluates too: its directory, the checkpoint asked for, and
+    --weights ema on a run that kept no EMA."""
     cfg = _parse(TestConfig, argv)
     problems = validate_test(cfg)
     if problems:
         raise UsageError(*problems)
+    find_checkpoint(Path(cfg.out_dir), cfg.checkpoint)
+    if cfg.weights == "ema" and not load_train_config(Path(cfg.out_dir) / "config.yaml").optim.ema_decay:
+        raise UsageError("--weights ema: the run kept no EMA of its weights (its --ema_decay is 0); use raw or auto")
     return cfg
+
+
+def find_checkpoint(run_dir: Path, which: str) -> Path:
+    """test.py --checkpoint: best, final, last (the newest periodic checkpoint), or a path."""
+    if not run_dir.is_dir():
+        raise UsageError(f"--out_dir {str(run_dir)!r}: no such run directory")
+    if not (run_dir / "config.yaml").is_file():
+        raise UsageError(f"--out_dir {str(run_dir)!r} is not a run directory: it has no config.yaml")
+    ckpt_dir = run_dir / "checkpoints"
+    if which in ("best", "final"):
+        path = ckpt_dir / f"{which}.ckpt"
+    elif which == "last":
+        periodic = periodic_checkpoints(ckpt_dir)
+        path = periodic[-1] if periodic else ckpt_dir / "step-*.ckpt"
+    else:
+        path = Path(which)
+    if not is_checkpoint(path):
+        raise UsageError(f"--checkpoint {which!r}: no checkpoint at {path} "
+                         f"(use {', '.join(CHECKPOINT_CHOICES)} or a path to a .ckpt file)")
+    return path
+
+
+PERIODIC_CHECKPOINT = re.compile(r"^step-(\d+)\.ckpt$")
+
+
+def periodic_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """The periodic checkpoints (step-N.ckpt), oldest first, ordered by the step number in their name."""
+    found = [(int(m.group(1)), p) for p in ckpt_dir.glob("step-*.ckpt") if (m := PERIODIC_CHECKPOINT.match(p.name))]
+    return [p for _, p in sorted(found)]
 
 
 def flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
@@ -626,17 +660,13 @@ def flag_reference() -> str:
 
 
 def registries() -> str:
-    """What --dataset and --model take: the names in data.DATASETS and model.MODELS, each with the first line of
-    its function's docstring. The end of `train.py --help`, and of the README's flag tables."""
+    """What --dataset and --model take: the names in task_config.DATASETS and MODELS, each with its help line. The
+    end of `train.py --help`, and of the README's flag tables."""
     lines = []
     for flag, registry in [("--dataset", DATASETS), ("--model", MODELS)]:
         lines.append(f"{flag}:")
-        lines += [f"  {name:<14} {first_line(fn.__doc__)}" for name, fn in registry.items()]
+        lines += [f"  {name:<14} {help}".rstrip() for name, help in registry.items()]
     return "\n".join(lines)
-
-
-def first_line(docstring: Optional[str]) -> str:
-    return (docstring or "").strip().split("\n")[0]
 
 
 def to_yaml(cfg: Any) -> str:

@@ -1,43 +1,26 @@
-"""The task's data: datasets, their splits, and the flags that choose them. A fork edits this file.
+"""The task's data: datasets and their splits. A fork edits this file, with task_config.py.
 
-Add a dataset: write a function `(cfg) -> (fit, test, info)` and put it in DATASETS at the bottom. `--dataset`
-takes its name, and `--help` lists it with the first line of its docstring. `fit` (any map-style dataset) is
-split into train and val by the seed; `test` is never trained on. Items may be anything the task's `forward`
-unpacks (tuples, dicts, dataclasses); Fabric moves nested tensors to the device.
+Add a dataset: write a function `NAME(cfg) -> (fit, test, info)` here and name it in DATASETS in task_config.py,
+with its one-line help; `--dataset NAME` runs it. `fit` (any map-style dataset) is split into train and val by
+the seed; `test` is never trained on. Items may be anything the task's `forward` unpacks (tuples, dicts,
+dataclasses); Fabric moves nested tensors to the device.
 
-What the machinery uses from here: DataConfig (with its `dataset` field and `problems()`), DATASETS and
-load_splits.
+What the machinery uses from here: load_splits (its flags, DataConfig, are in task_config.py).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, ClassVar
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from errors import UsageError
+from task_config import DataConfig
 
 VAL_FRACTION = 0.1  # of the training data, held out for model selection
 DIGITS_TEST_FRACTION = 0.2  # digits has no official test split: a fixed 20% is held out, the same for every seed
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """The data: datasets are the functions in DATASETS (data.py)."""
-
-    RESUME_LOCKED: ClassVar[tuple[str, ...]] = ("dataset",)  # a resume that changed them would not fit its checkpoint
-
-    dataset: str = "digits"
-    """Dataset: a name from DATASETS in data.py (listed at the end of --help)."""
-    data_dir: str = "data"
-    """Where torchvision datasets are stored (downloaded on first use when online)."""
-
-    def problems(self) -> list[str]:
-        """What is wrong with these values, one line each; checked with the rest of the config."""
-        if self.dataset not in DATASETS:
-            return [f"--dataset {self.dataset!r} is not one of: {', '.join(DATASETS)}"]
-        return []
 
 
 @dataclass(frozen=True)
@@ -47,6 +30,32 @@ class DataInfo:
     num_classes: int
     in_channels: int
     class_names: tuple[str, ...]
+    augment: nn.Module | None = None  # the models apply it to their input: training batches only, on the device
+
+
+class CropFlip(nn.Module):
+    """The standard CIFAR augmentation on a whole batch, on its device: each image is cropped back to its size from
+    a copy padded by `pad` reflected pixels on every side, at a random offset, and flipped left-right with
+    probability 1/2. In training mode only: evaluation sees the images as they are.
+
+    It draws from the device's global RNG, which is seeded per rank and saved in every checkpoint: a run is the
+    same under its seed, and a resumed run draws what the uninterrupted one did."""
+
+    def __init__(self, pad: int = 4) -> None:
+        super().__init__()
+        self.pad = pad
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return images
+        (n, c, h, w), device = images.shape, images.device
+        padded = F.pad(images, (self.pad,) * 4, mode="reflect")
+        dy, dx = torch.randint(0, 2 * self.pad + 1, (2, n, 1), device=device)
+        flip = torch.rand(n, 1, device=device) < 0.5
+        rows = dy + torch.arange(h, device=device)  # (n, h): the rows of the padded image each image keeps
+        cols = dx + torch.where(flip, torch.arange(w - 1, -1, -1, device=device), torch.arange(w, device=device))
+        pixels = rows[:, :, None] * padded.shape[-1] + cols[:, None, :]  # (n, h, w): where each pixel comes from
+        return padded.flatten(2).gather(2, pixels.view(n, 1, h * w).expand(n, c, h * w)).view(n, c, h, w)
 
 
 class ImageTensorDataset(Dataset):
@@ -84,7 +93,7 @@ class ImageTensorDataset(Dataset):
 def load_splits(cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset, Dataset, DataInfo]:
     """(train, val, test, info) of --dataset. The test split is fixed per dataset and never seen in training;
     val is a seeded random VAL_FRACTION of the rest."""
-    fit, test, info = DATASETS[cfg.dataset](cfg)
+    fit, test, info = globals()[cfg.dataset](cfg)  # --dataset NAME is the function NAME below
     order = torch.randperm(len(fit), generator=torch.Generator().manual_seed(seed))
     num_val = int(len(fit) * VAL_FRACTION)
     return _subset(fit, order[num_val:]), _subset(fit, order[:num_val]), test, info
@@ -126,11 +135,27 @@ def fashion_mnist(cfg: DataConfig) -> tuple[ImageTensorDataset, ImageTensorDatas
     return _torchvision(cfg, torchvision.datasets.FashionMNIST, ((0.2860,), (0.3530,)))
 
 
+CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))  # per-channel mean and std in [0, 1]
+
+
 def cifar10(cfg: DataConfig) -> tuple[ImageTensorDataset, ImageTensorDataset, DataInfo]:
-    """CIFAR-10 colour images (32x32, 50k + 10k) through torchvision, into --data_dir."""
+    """CIFAR-10 colour images (32x32, 50k + 10k) through torchvision, into --data_dir; crop and flip (--augment)."""
     import torchvision
 
-    return _torchvision(cfg, torchvision.datasets.CIFAR10, ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)))
+    fit, test, info = _torchvision(cfg, torchvision.datasets.CIFAR10, CIFAR10_STATS)
+    return fit, test, replace(info, augment=CropFlip(pad=4) if cfg.augment else None)
+
+
+def synthetic_cifar10(cfg: DataConfig) -> tuple[ImageTensorDataset, ImageTensorDataset, DataInfo]:
+    """Uniformly random CIFAR-10-shaped uint8 images and labels, the same for every seed: measures speed offline
+    (nothing to learn), with CIFAR-10's normalisation and augmentation."""
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (cfg.synthetic_size * 6 // 5, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (len(images),), generator=generator)
+    fit, test = images[:cfg.synthetic_size], images[cfg.synthetic_size:]
+    return (ImageTensorDataset(fit, labels[:cfg.synthetic_size], *CIFAR10_STATS, 255.0),
+            ImageTensorDataset(test, labels[cfg.synthetic_size:], *CIFAR10_STATS, 255.0),
+            DataInfo(10, 3, tuple(f"class {i}" for i in range(10)), CropFlip(pad=4) if cfg.augment else None))
 
 
 def _torchvision(cfg: DataConfig, dataset_class: type, stats: tuple) -> tuple[ImageTensorDataset, ...]:
@@ -149,12 +174,3 @@ def _torchvision(cfg: DataConfig, dataset_class: type, stats: tuple) -> tuple[Im
         images = images.permute(0, 3, 1, 2) if images.ndim == 4 else images.unsqueeze(1)  # CIFAR: NHWC; MNIST: NHW
         splits.append(ImageTensorDataset(images.contiguous(), torch.as_tensor(ds.targets).long(), *stats, 255.0))
     return splits[0], splits[1], DataInfo(len(ds.classes), splits[0].images.shape[1], tuple(ds.classes))
-
-
-# --dataset NAME: one line per dataset.
-DATASETS: dict[str, Callable[[DataConfig], tuple[Dataset, Dataset, DataInfo]]] = {
-    "digits": digits,
-    "mnist": mnist,
-    "fashion_mnist": fashion_mnist,
-    "cifar10": cifar10,
-}

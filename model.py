@@ -1,15 +1,13 @@
-"""The task's models and the flags that shape them. A fork edits this file.
+"""The task's models. A fork edits this file, with task_config.py.
 
-Add a model: write a function `(cfg, info) -> nn.Module` and put it in MODELS at the bottom; `--model` takes its
-name, and `--help` lists it with the first line of its docstring. Flags that only some models use (like
-`--pretrained`) are fields of ArchConfig, checked in `ArchConfig.problems`.
+Add a model: write a function `NAME(cfg, info) -> nn.Module` here and name it in MODELS in task_config.py, with its
+one-line help; `--model NAME` runs it. Flags that only some models use (like `--pretrained`) are fields of
+ArchConfig in task_config.py, checked in `ArchConfig.problems`.
 
-What the machinery uses from here: ArchConfig (with its `model` field and `problems()`), MODELS and build_model.
+What the machinery uses from here: build_model, and `parallelize(model, mesh)` if defined (--strategy fsdp).
 """
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -17,41 +15,15 @@ from torch import nn
 
 from data import DataInfo
 from errors import UsageError
-
-
-@dataclass(frozen=True)
-class ArchConfig:
-    """The network: models are the functions in MODELS (model.py)."""
-
-    RESUME_LOCKED: ClassVar[tuple[str, ...]] = ("model",)  # a resume that changed them would not fit its checkpoint
-
-    model: str = "cnn"
-    """Model: a name from MODELS in model.py (listed at the end of --help), or any torchvision classification
-    model (resnet18, vit_b_16, ...)."""
-    dropout: float = 0.1
-    """Dropout probability before the classifier layers."""
-    pretrained: bool = False
-    """Start a torchvision model from its default pretrained weights (downloaded on first use)."""
-
-    def problems(self) -> list[str]:
-        """What is wrong with these values, one line each; checked with the rest of the config."""
-        problems = []
-        if self.model not in MODELS and self.model not in _torchvision_models():
-            problems.append(f"--model {self.model!r} is not one of: {', '.join(MODELS)}, or a torchvision "
-                            "classification model (e.g. resnet18, vit_b_16)")
-        if not 0 <= self.dropout < 1:
-            problems.append(f"--dropout {self.dropout} must be in [0, 1)")
-        if self.pretrained and self.model in MODELS:
-            problems.append(f"--pretrained needs a torchvision --model, not {self.model}")
-        return problems
+from task_config import MODELS, ArchConfig
 
 
 def build_model(cfg: ArchConfig, info: DataInfo, pretrained: bool = True) -> nn.Module:
     """The model that --model names, for the data that `info` describes. `pretrained=False` where the weights
     come from elsewhere (test.py's checkpoint) or do not matter (FLOPs on the meta device): nothing is downloaded."""
     if cfg.model in MODELS:
-        return MODELS[cfg.model](cfg, info)
-    return TorchvisionClassifier(cfg.model, info.num_classes, cfg.dropout, cfg.pretrained and pretrained)
+        return globals()[cfg.model](cfg, info)  # --model NAME is the function NAME below
+    return TorchvisionClassifier(cfg.model, info, cfg.dropout, cfg.pretrained and pretrained)
 
 
 class SmallCNN(nn.Module):
@@ -59,8 +31,9 @@ class SmallCNN(nn.Module):
     adaptive pooling brings every input to 4x4 before the classifier. No batch norm, so with dropout 0
     the result does not depend on how a batch is split across devices."""
 
-    def __init__(self, in_channels: int, num_classes: int, dropout: float) -> None:
+    def __init__(self, in_channels: int, num_classes: int, dropout: float, augment: nn.Module | None = None) -> None:
         super().__init__()
+        self.augment = augment or nn.Identity()  # the dataset's (DataInfo.augment): training batches only
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(),
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
@@ -74,12 +47,22 @@ class SmallCNN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+        return self.classifier(self.features(self.augment(x)))
 
 
 def cnn(cfg: ArchConfig, info: DataInfo) -> nn.Module:
     """A small CNN (~190k parameters, no batch norm) for any of the image datasets."""
-    return SmallCNN(info.in_channels, info.num_classes, cfg.dropout)
+    return SmallCNN(info.in_channels, info.num_classes, cfg.dropout, info.augment)
+
+
+def resnet18_cifar(cfg: ArchConfig, info: DataInfo) -> nn.Module:
+    """torchvision's ResNet-18 with the stem CIFAR ResNets use: its 7x7 stride-2 conv and max-pool would shrink a
+    32x32 image to 8x8 before the first block; a 3x3 stride-1 conv without the pool keeps 32x32 there."""
+    model = TorchvisionClassifier("resnet18", info, cfg.dropout, pretrained=False)
+    model.net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(model.net.conv1.weight, mode="fan_out", nonlinearity="relu")  # as torchvision's own
+    model.net.maxpool = nn.Identity()
+    return model
 
 
 class TorchvisionClassifier(nn.Module):
@@ -89,10 +72,11 @@ class TorchvisionClassifier(nn.Module):
     size (the ViTs) get their images resized to it.
     """
 
-    def __init__(self, name: str, num_classes: int, dropout: float, pretrained: bool) -> None:
+    def __init__(self, name: str, info: DataInfo, dropout: float, pretrained: bool) -> None:
         super().__init__()
         import torchvision
 
+        self.augment = info.augment or nn.Identity()  # the dataset's (DataInfo.augment): training batches only
         weights = torchvision.models.get_model_weights(name).DEFAULT if pretrained else None
         try:
             self.net = torchvision.models.get_model(name, weights=weights)
@@ -101,10 +85,11 @@ class TorchvisionClassifier(nn.Module):
             raise UsageError(f"--pretrained: could not download the {name} weights ({str(err).splitlines()[0]}). "
                              f"Without internet, copy {weights.url} to {cache}") from None
         parent, attr, head = _last_linear(self.net)
-        setattr(parent, attr, nn.Sequential(nn.Dropout(dropout), nn.Linear(head.in_features, num_classes)))
+        setattr(parent, attr, nn.Sequential(nn.Dropout(dropout), nn.Linear(head.in_features, info.num_classes)))
         self.image_size = getattr(self.net, "image_size", None)  # set on torchvision ViTs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.augment(x)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         if self.image_size is not None and x.shape[-1] != self.image_size:
@@ -117,15 +102,3 @@ def _last_linear(net: nn.Module) -> tuple[nn.Module, str, nn.Linear]:
     name = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)][-1]
     parent_name, _, attr = name.rpartition(".")
     return net.get_submodule(parent_name), attr, net.get_submodule(name)
-
-
-def _torchvision_models() -> list[str]:
-    import torchvision
-
-    return torchvision.models.list_models(module=torchvision.models)
-
-
-# --model NAME: one line per model. Any other name is looked up among torchvision's classification models.
-MODELS: dict[str, Callable[[ArchConfig, DataInfo], nn.Module]] = {
-    "cnn": cnn,
-}

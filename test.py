@@ -6,23 +6,27 @@ Prints the loss and every metric of the task, then the task's report (task.repor
 RUN_DIR/test/metrics.json with the same numbers.
 """
 
-import json
-from pathlib import Path
+from config import TestConfig, TrainConfig, find_checkpoint, load_train_config, parse_test_config
+from errors import exit_on_usage_error
 
-import yaml
+if __name__ == "__main__":  # checked before the imports below (torch and Lightning take ~5 s): --help, a typo or a
+    with exit_on_usage_error():  # bad value answers at once
+        CLI_CONFIG = parse_test_config()
 
-from lightning.fabric import Fabric
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-import checkpoints
-import task
-import utils
-from config import CHECKPOINT_CHOICES, TestConfig, TrainConfig, load_train_config, parse_test_config
-from data import load_splits
-from ema import EMA
-from errors import UsageError, exit_on_usage_error
-from loaders import make_eval_loader
-from model import build_model
-from train import evaluate, scalars
+import yaml  # noqa: E402
+from lightning.fabric import Fabric  # noqa: E402
+
+import checkpoints  # noqa: E402
+import task  # noqa: E402
+import utils  # noqa: E402
+from data import load_splits  # noqa: E402
+from ema import EMA  # noqa: E402
+from loaders import make_eval_loader  # noqa: E402
+from model import build_model  # noqa: E402
+from train import evaluate, scalars  # noqa: E402
 
 
 def main(fabric: Fabric, cfg: TestConfig) -> None:
@@ -69,9 +73,8 @@ def main(fabric: Fabric, cfg: TestConfig) -> None:
 
 
 def use_ema(weights: str, train_cfg: TrainConfig) -> bool:
-    """Whether --weights asks for the EMA: ema, or auto on a run that kept one (the weights validation judged)."""
-    if weights == "ema" and not train_cfg.optim.ema_decay:
-        raise UsageError("--weights ema: the run kept no EMA of its weights (its --ema_decay is 0); use raw or auto")
+    """Whether --weights asks for the EMA: ema (checked: the run kept one), or auto on a run that kept one (the
+    weights validation judged)."""
     return weights == "ema" or (weights == "auto" and train_cfg.optim.ema_decay > 0)
 
 
@@ -82,37 +85,16 @@ def provenance(run_dir: Path) -> dict:
     return entries[-1] if entries else {}
 
 
-def find_checkpoint(run_dir: Path, which: str) -> Path:
-    """best, final, last (the newest periodic checkpoint), or a path."""
-    if not run_dir.is_dir():
-        raise UsageError(f"--out_dir {str(run_dir)!r}: no such run directory")
-    if not (run_dir / "config.yaml").is_file():
-        raise UsageError(f"--out_dir {str(run_dir)!r} is not a run directory: it has no config.yaml")
-    ckpt_dir = run_dir / "checkpoints"
-    if which in ("best", "final"):
-        path = ckpt_dir / f"{which}.ckpt"
-    elif which == "last":
-        periodic = checkpoints.periodic_checkpoints(ckpt_dir)
-        path = periodic[-1] if periodic else ckpt_dir / "step-*.ckpt"
-    else:
-        path = Path(which)
-    if not (path.is_file() or (path / "meta.pt").is_file()):  # a file, or a sharded checkpoint's directory
-        raise UsageError(f"--checkpoint {which!r}: no checkpoint at {path} "
-                         f"(use {', '.join(CHECKPOINT_CHOICES)} or a path to a .ckpt file)")
-    return path
-
-
-def cli(argv: list[str] | None = None) -> None:
-    """`python test.py ...`: exit code 0 when done, 2 for bad input."""
+def cli(argv: list[str] | None = None, cfg: TestConfig | None = None) -> None:
+    """`python test.py ...`: exit code 0 when done, 2 for bad input (found before any process starts)."""
     with exit_on_usage_error():
-        cfg = parse_test_config(argv)
-        checkpoint = find_checkpoint(Path(cfg.out_dir), cfg.checkpoint)  # fail before any process starts
-        train_cfg = load_train_config(Path(cfg.out_dir) / "config.yaml")
-        use_ema(cfg.weights, train_cfg)  # a run without an EMA fails here, before any process starts
-        precision = train_cfg.hardware.precision
-        strategy = "fsdp" if checkpoint.is_dir() else "auto"  # a sharded checkpoint loads into a sharded model
-        utils.launch(utils.make_fabric(cfg.accelerator, cfg.devices, strategy=strategy, precision=precision), main, cfg)
+        cfg = cfg or parse_test_config(argv)
+        precision = load_train_config(Path(cfg.out_dir) / "config.yaml").hardware.precision
+        sharded = find_checkpoint(Path(cfg.out_dir), cfg.checkpoint).is_dir()  # loads into a sharded model
+        fabric = utils.make_fabric(cfg.accelerator, cfg.devices, strategy="fsdp" if sharded else "auto",
+                                   precision=precision)
+        utils.launch(fabric, main, cfg)
 
 
 if __name__ == "__main__":
-    cli()
+    cli(cfg=CLI_CONFIG)

@@ -5,29 +5,34 @@ Everything that can fail on bad input fails before the run directory is created,
 The loop never looks inside a batch: task.forward turns it into a loss, and task.metrics says what to measure.
 """
 
-import contextlib
-import math
-import sys
-import time
-from dataclasses import asdict
-from pathlib import Path
-from typing import Any, Iterable
-
-import torch
-from lightning.fabric import Fabric, seed_everything
-from lightning.fabric.utilities.throughput import ThroughputMonitor
-from torchmetrics import MeanMetric, MetricCollection, SumMetric
-
-import checkpoints
-import task
-import utils
 from config import LogConfig, OptimConfig, TrainConfig, is_checkpoint, parse_train_config
-from data import load_splits
-from ema import EMA
 from errors import NonFiniteLoss, UsageError, exit_on_usage_error, started_by_launcher
-from loaders import GlobalBatchSampler, first_samples, make_eval_loader, make_train_loader
-from model import build_model
-from plots import draw_curves
+
+if __name__ == "__main__":  # checked before the imports below (torch and Lightning take ~5 s): --help, a typo or a
+    with exit_on_usage_error():  # bad value answers at once
+        CLI_CONFIG = parse_train_config()
+
+import contextlib  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Iterable  # noqa: E402
+
+import torch  # noqa: E402
+from lightning.fabric import Fabric, seed_everything  # noqa: E402
+from lightning.fabric.utilities.throughput import ThroughputMonitor  # noqa: E402
+from torchmetrics import MeanMetric, MetricCollection, SumMetric  # noqa: E402
+
+import checkpoints  # noqa: E402
+import task  # noqa: E402
+import utils  # noqa: E402
+from data import load_splits  # noqa: E402
+from ema import EMA  # noqa: E402
+from loaders import GlobalBatchSampler, first_samples, make_eval_loader, make_train_loader  # noqa: E402
+from model import build_model  # noqa: E402
+from plots import draw_curves  # noqa: E402
 
 FAST_RUN_BATCHES = 2  # --fast_run: optimizer steps per epoch, and validation/test batches
 
@@ -380,12 +385,12 @@ def continue_schedule(state: dict[str, Any], cfg: OptimConfig, epochs: int, step
             f"{lr:.4g} over {new['warmup_steps']} steps, then decays to 0 at step {new['end']}")
 
 
-def cli(argv: list[str] | None = None) -> None:
+def cli(argv: list[str] | None = None, cfg: TrainConfig | None = None) -> None:
     """`python train.py ...`: exit code 0 when done, 2 for bad input, 3 for a non-finite loss, 128 + N after a
     checkpoint asked for by signal N (143 SIGTERM, 138 SIGUSR1, 130 Ctrl-C), and 75 after the checkpoint saved
     before the --max_time budget ran out (--resume continues the run)."""
     with exit_on_usage_error():
-        cfg = parse_train_config(argv)
+        cfg = cfg or parse_train_config(argv)
         hw = cfg.hardware
         fabric = utils.make_fabric(hw.accelerator, hw.devices, hw.num_nodes, hw.strategy, hw.precision)
         cfg.optim.micro_batching(fabric.world_size)  # a batch size that does not divide fails before launch
@@ -401,4 +406,4 @@ def cli(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    cli()
+    cli(cfg=CLI_CONFIG)

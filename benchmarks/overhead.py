@@ -47,9 +47,10 @@ import checkpoints  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
 from config import OptimConfig, parse_train_config  # noqa: E402
-from data import DataConfig, load_splits  # noqa: E402
+from data import load_splits  # noqa: E402
 from loaders import make_eval_loader, make_train_loader  # noqa: E402
 from model import SmallCNN  # noqa: E402
+from task_config import DataConfig  # noqa: E402
 
 BATCH_SIZE, LR, SEED = 64, 2e-3, 42
 

@@ -26,7 +26,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_TASK = REPO / "tests" / "toy_task"
-TASK_HOME = ("data.py", "model.py", "task.py")  # everything a fork changes to train something else
+TASK_HOME = ("data.py", "model.py", "task.py", "task_config.py")  # everything a fork changes to train something else
 
 
 def run_script(script: str, *args: str, cwd: Path = REPO, timeout: float = 300,

@@ -217,3 +217,23 @@ def test_test_py_that_cannot_write_its_report_says_so_in_one_line(fork, world, t
     assert result.returncode == 4 and "Traceback" not in result.stderr, result.stderr
     assert "Test split of waves" in result.stdout  # the numbers were printed first
     assert result.stderr.strip().splitlines() == [f"error: File exists: {run / 'test'}"]
+
+
+@pytest.mark.parametrize(("script", "args", "code", "says"), [
+    ("train.py", ["--help"], 0, "usage: train.py"),
+    ("train.py", ["--epochs", "x"], 2, "error: argument --epochs: invalid int value: 'x'"),
+    ("train.py", ["--epochs", "0", "--hidden", "0"], 2, "error: --hidden 0 must be >= 1"),
+    ("train.py", ["--resume", "nowhere"], 2, "error: --resume 'nowhere': no such run directory or checkpoint file"),
+    ("test.py", ["--help"], 0, "usage: test.py"),
+    ("test.py", ["--out_dir", "nowhere"], 2, "error: --out_dir 'nowhere': no such run directory"),
+])
+def test_help_and_bad_input_answer_before_torch_is_imported(fork, script, args, code, says):
+    # torch and Lightning take ~5 s to import: the config is parsed and checked first (task_config.py imports no torch)
+    import subprocess
+    import sys
+
+    answered = subprocess.run([sys.executable, "-X", "importtime", script, *args], capture_output=True, text=True,
+                              cwd=fork.path, timeout=60)
+    assert answered.returncode == code and says in answered.stdout + answered.stderr, answered.stderr[-2000:]
+    imported = {line.split("|")[-1].strip() for line in answered.stderr.splitlines() if line.startswith("import time:")}
+    assert "config" in imported and not imported & {"torch", "lightning", "numpy"}

@@ -12,7 +12,6 @@ from config import (
     TrainConfig,
     UsageError,
     _Parser,
-    first_line,
     flatten,
     parse_test_config,
     parse_train_config,
@@ -64,8 +63,7 @@ def test_boolean_and_list_flags():
 
 
 def test_help_lists_the_names_of_the_task_registries(capsys):
-    from data import DATASETS
-    from model import MODELS
+    from task_config import DATASETS, MODELS
 
     with pytest.raises(SystemExit) as exit:
         parse_train_config(["--help"])
@@ -73,14 +71,38 @@ def test_help_lists_the_names_of_the_task_registries(capsys):
     help_text = capsys.readouterr().out
     for flag, registry in [("--dataset", DATASETS), ("--model", MODELS)]:
         listing = help_text.split(f"\n{flag}:\n")[1]
-        for name, function in registry.items():
-            assert f"  {name:<14} {first_line(function.__doc__)}" in listing
+        for name, help_line in registry.items():
+            assert f"  {name:<14} {help_line}" in listing
 
 
-def test_test_py_flags():
-    cfg = parse_test_config(["--out_dir", "r", "--checkpoint", "final", "--accelerator", "cpu", "--devices", "2",
+def test_every_name_the_task_registers_is_a_function_of_its_module():
+    import inspect
+
+    import data
+    import model
+    from task_config import DATASETS, MODELS
+
+    for module, registry in [(data, DATASETS), (model, MODELS)]:
+        for name in registry:
+            function = getattr(module, name, None)
+            assert inspect.isfunction(function) and function.__module__ == module.__name__, (module.__name__, name)
+
+
+def test_test_py_flags_are_checked_against_the_run_before_any_torch_import(tmp_path):
+    from config import to_yaml
+
+    run = tmp_path / "r"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(to_yaml(TrainConfig()))
+    (run / "checkpoints" / "final.ckpt").write_bytes(b"")
+    cfg = parse_test_config(["--out_dir", str(run), "--checkpoint", "final", "--accelerator", "cpu", "--devices", "2",
                              "--batch_size", "64"])
-    assert (cfg.out_dir, cfg.checkpoint, cfg.accelerator, cfg.devices, cfg.batch_size) == ("r", "final", "cpu", "2", 64)
+    assert (cfg.out_dir, cfg.checkpoint, cfg.accelerator, cfg.devices, cfg.batch_size) == (str(run), "final", "cpu",
+                                                                                          "2", 64)
+    with pytest.raises(UsageError, match="^--checkpoint 'best': no checkpoint at .*best.ckpt"):
+        parse_test_config(["--out_dir", str(run)])
+    with pytest.raises(UsageError, match=r"^--weights ema: the run kept no EMA of its weights"):
+        parse_test_config(["--out_dir", str(run), "--checkpoint", "final", "--weights", "ema"])
 
 
 def test_config_file_sets_values_and_command_line_flags_override_it(tmp_path):
@@ -277,8 +299,8 @@ def test_a_new_best_must_beat_the_old_one_and_nan_never_does(score, best, mode, 
     assert improves(score, best, mode) is expected
 
 
-def test_a_registry_entry_without_a_docstring_is_listed_by_name(monkeypatch):
+def test_a_registry_entry_without_help_is_listed_by_name(monkeypatch):
     import config
 
-    monkeypatch.setitem(config.DATASETS, "bare", lambda cfg: None)
-    assert "\n  bare           \n" in config.registries() + "\n"
+    monkeypatch.setitem(config.DATASETS, "bare", "")
+    assert "\n  bare\n" in config.registries() + "\n"

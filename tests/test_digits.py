@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import only_run_dir, run_cli, run_script, train_in_process
+from conftest import bitwise_equal, only_run_dir, run_cli, run_script, train_in_process
 
 from config import flatten, parse_train_config
-from data import DataConfig, DataInfo, load_splits
+from data import DataInfo, load_splits
 from errors import UsageError
-from model import ArchConfig, build_model
+from model import build_model
+from task_config import ArchConfig, DataConfig
 
 # --------------------------------------------------------------------------------------------------- flags
 
@@ -42,8 +43,10 @@ def test_pretrained_belongs_to_torchvision_models():
 
 
 @pytest.mark.parametrize(("args", "expected"), [
-    (["--dataset", "imagenet"], "--dataset 'imagenet' is not one of: digits, mnist, fashion_mnist, cifar10"),
-    (["--model", "resnet9000"], "--model 'resnet9000' is not one of: cnn, or a torchvision classification model"),
+    (["--dataset", "imagenet"], "--dataset 'imagenet' is not one of: digits, mnist, fashion_mnist, cifar10, "
+                                "synthetic_cifar10"),
+    (["--model", "resnet9000"], "--model 'resnet9000' is not one of: cnn, resnet18_cifar, or a torchvision "
+                                "classification model"),
     (["--dropout", "1.5"], "--dropout 1.5 must be in [0, 1)"),
     (["--pretrained"], "--pretrained needs a torchvision --model, not cnn"),
     (["--dataset", "mnist", "--data_dir", "{tmp}"], "--dataset mnist: the files are not in {tmp}/MNIST/raw and could "
@@ -63,8 +66,9 @@ def test_bad_values_are_all_reported_at_once_through_a_real_process(tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout
     assert result.stderr.strip().splitlines() == [
         "error: --logger_name 'foo' is not one of: csv, tensorboard, wandb",
-        "error: --dataset 'imagenet' is not one of: digits, mnist, fashion_mnist, cifar10",
-        "error: --model 'resnet9000' is not one of: cnn, or a torchvision classification model (e.g. resnet18, vit_b_16)",
+        "error: --dataset 'imagenet' is not one of: digits, mnist, fashion_mnist, cifar10, synthetic_cifar10",
+        "error: --model 'resnet9000' is not one of: cnn, resnet18_cifar, or a torchvision classification model (e.g. "
+        "resnet18, vit_b_16)",
         "error: --lr -1.0 must be > 0"]
     assert not tmp_path.exists() or not any(tmp_path.iterdir())  # no run dir was created
 
@@ -255,13 +259,15 @@ def test_mnist_trains_end_to_end_on_tiny_offline_files(tmp_path):
 
 def test_a_dataset_of_any_kind_is_split_by_the_seed(monkeypatch):
     import data
+    import task_config
 
     def ramp(cfg):
         """A TensorDataset, not the template's own in-memory image class."""
         fit = torch.utils.data.TensorDataset(torch.arange(100).float(), torch.arange(100))
         return fit, torch.utils.data.TensorDataset(torch.zeros(5), torch.zeros(5)), DataInfo(2, 1, ("a", "b"))
 
-    monkeypatch.setitem(data.DATASETS, "ramp", ramp)
+    monkeypatch.setitem(task_config.DATASETS, "ramp", "0..99")
+    monkeypatch.setattr(data, "ramp", ramp, raising=False)
     train, val, test, _ = load_splits(DataConfig(dataset="ramp"), seed=3)
     ids = sorted(int(train[i][1]) for i in range(len(train))) + sorted(int(val[i][1]) for i in range(len(val)))
     assert (len(train), len(val), len(test)) == (90, 10, 5) and sorted(ids) == list(range(100))
@@ -293,3 +299,74 @@ def test_overfit_batches_2_drives_the_loss_of_those_batches_to_about_zero(tmp_pa
     assert len(val) == 30 and val[-1][0] < 0.1 and val[-1][1] == 1.0  # validated on the same samples
     final = torch.load(run_dir / "checkpoints" / "final.ckpt", weights_only=True)
     assert final["global_step"] == 60
+
+
+# ------------------------------------------------------------------------------ CIFAR augmentation (--augment)
+
+
+def test_crop_flip_takes_each_image_from_its_padded_copy_at_a_seeded_offset_and_flips_half():
+    from data import CropFlip
+
+    n, pad = 2048, 4
+    images = torch.arange(n * 2 * 12 * 12, dtype=torch.float64).view(n, 2, 12, 12)  # every pixel distinct
+    augment = CropFlip(pad)
+    torch.manual_seed(0)
+    out = augment(images)
+    torch.manual_seed(0)
+    assert torch.equal(augment(images), out)  # the same seed, the same batch
+    torch.manual_seed(1)
+    assert not torch.equal(augment(images), out)
+    padded = torch.nn.functional.pad(images, (pad,) * 4, mode="reflect")
+    matched, offsets, flips = torch.zeros(n, dtype=torch.int64), set(), 0
+    for dy in range(2 * pad + 1):
+        for dx in range(2 * pad + 1):
+            crop = padded[:, :, dy:dy + 12, dx:dx + 12]
+            for flipped, candidate in [(False, crop), (True, crop.flip(-1))]:
+                hit = (candidate == out).flatten(1).all(1)
+                matched += hit
+                offsets |= {(dy, dx)} if hit.any() else set()
+                flips += int(hit.sum()) if flipped else 0
+    assert matched.eq(1).all()  # every image is exactly one crop of its padded copy, flipped or not
+    assert len(offsets) == (2 * pad + 1) ** 2 and abs(flips / n - 0.5) < 0.05  # every offset occurs; half flip
+    augment.eval()
+    assert augment(images) is images  # evaluation sees the images as they are
+
+
+def test_augment_false_gives_the_model_its_batches_unchanged_and_draws_no_random_numbers():
+    from data import synthetic_cifar10
+
+    seen = []
+    for augment in (False, True):
+        _, test_set, info = synthetic_cifar10(DataConfig(augment=augment, synthetic_size=50))
+        model = build_model(ArchConfig(dropout=0.0), info).train()
+        first_conv = model.features[0]
+        first_conv.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+        images, _ = test_set.__getitems__(list(range(8)))
+        torch.manual_seed(0)
+        model(images)
+        seen.append(torch.equal(torch.get_rng_state(), torch.manual_seed(0).get_state()))
+        seen.append(images)
+    unaugmented, untouched_rng, batch, augmented, _, _ = seen
+    assert torch.equal(unaugmented, batch) and untouched_rng  # as before --augment existed
+    assert not torch.equal(augmented, batch)
+
+
+@pytest.mark.slow
+def test_augmented_cifar_training_is_seeded_and_resumes_bitwise(tmp_path):
+    import utils
+
+    args = ["--dataset", "synthetic_cifar10", "--synthetic_size", "320", "--epochs", "2", "--dropout", "0",
+            "--checkpoint_every_n_steps", "4"]
+    reference = train_in_process(tmp_path / "reference", *args)
+    with pytest.raises(utils.Preempted):  # a 1 s budget is spent already: it stops at its first check, and saves
+        train_in_process(tmp_path / "stopped", *args, "--max_time", "00:00:00:01")
+    stopped = only_run_dir(tmp_path / "stopped")
+    (saved,) = (stopped / "checkpoints").glob("*.ckpt")
+    assert saved.name in ("step-00000001.ckpt", "step-00000002.ckpt")
+    assert run_cli("train", "--resume", str(stopped), "--max_time", "") == 0
+    final = "checkpoints/final.ckpt"
+    assert torch.load(reference / final, weights_only=True)["global_step"] == 8  # 288 training images, 64 a step
+    assert bitwise_equal(stopped / final, reference / final)  # the augmentation drew the same after the resume
+    plain = train_in_process(tmp_path / "plain", *args, "--augment", "false")
+    assert yaml.safe_load((plain / "config.yaml").read_text())["data"]["augment"] is False
+    assert not bitwise_equal(plain / final, reference / final)  # the augmentation was in the training

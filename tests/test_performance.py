@@ -75,7 +75,8 @@ def test_activation_checkpointing_gives_the_same_training_with_the_same_checkpoi
 def test_activation_checkpointing_recomputes_each_block_in_the_backward_pass():
     import utils
     from data import DataInfo
-    from model import ArchConfig, build_model
+    from model import build_model
+    from task_config import ArchConfig
 
     model = build_model(ArchConfig(), DataInfo(10, 1, ()))
     utils.checkpoint_activations(model)
