@@ -1,5 +1,6 @@
-"""Crash-safe checkpoints: written once, flushed and renamed in a background thread, rotated, and loaded with
-weights_only=True, with every rank's RNG states so that a resumed run continues bitwise.
+"""Crash-safe checkpoints: copied off the training thread's tensors, then written, flushed and renamed in a
+background thread, rotated, and loaded with weights_only=True, with every rank's RNG states so that a resumed run
+continues bitwise.
 
 Machinery: nothing here knows what the model or the task is; `state` is train.py's dict of what to save.
 """
@@ -21,10 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.fabric import Fabric
-from lightning.fabric.strategies import ModelParallelStrategy
+from lightning.fabric.plugins import TorchCheckpointIO
+from lightning.fabric.strategies import (DataParallelStrategy, DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy,
+                                         SingleDeviceStrategy)
+from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.fabric.utilities.load import _load_distributed_checkpoint
 from lightning.fabric.wrappers import _unwrap_objects
-from lightning.fabric.plugins import TorchCheckpointIO
 
 from config import PERIODIC_CHECKPOINT, is_checkpoint, periodic_checkpoints
 from errors import NonFiniteLoss, UsageError
@@ -87,32 +90,68 @@ def save_checkpoint(fabric: Fabric, state: dict[str, Any], *paths: Path, keep: i
     """Save `state` and every rank's RNG states under each of `paths`, each appearing only when complete; then,
     with `keep`, delete all but the newest `keep` periodic checkpoints.
 
-    It is written once, to a temporary name in the same directory, flushed to disk and renamed (the other
-    names are hard links to it): a crash at any moment leaves either the previous file or the new one, never a
-    partial one. The flush, renames and pruning (disk time, not CPU) run in order in a background thread on
-    rank 0 while training goes on; the end of the run and a requeue wait for them. Non-finite weights are never
-    saved: the last good checkpoint stays the newest.
+    The training thread only copies the state (a snapshot, on the CPU); a background thread on rank 0 writes it
+    once, to a temporary name in the same directory, flushes it to disk and renames it (the other names are hard
+    links to it): a crash at any moment leaves either the previous file or the new one, never a partial one. One
+    checkpoint is in flight at a time, so one snapshot is held: the next save first waits for the previous one,
+    and so do the end of the run and a requeue. Non-finite weights are never saved: the last good checkpoint
+    stays the newest. Sharded checkpoints (FSDP) are written by every rank together, here; only their flush and
+    renames run in the background.
     """
     if not paths:
         return
-    while _publishing and _publishing[0].done():  # a publish that failed (a full disk) stops the run now
-        _publishing.pop(0).result()
+    wait_for_checkpoints()  # the previous one is on disk; a write that failed (a full disk) stops the run here
     # Periodic names last: a resume continues from the newest of those, so a crash between the renames redoes
     # the epoch and with it best.ckpt, rather than skipping a best.ckpt that was never put in place.
     paths = tuple(sorted(paths, key=lambda p: bool(PERIODIC_CHECKPOINT.match(p.name))))
     keep = keep if PERIODIC_CHECKPOINT.match(paths[-1].name) else None
     local = [p.to_local() if hasattr(p, "to_local") else p for p in state["model"].parameters()]  # FSDP2: a shard
-    finite = torch.stack([p.isfinite().all() for p in local]).all()
-    if not fabric.all_reduce(finite.float(), reduce_op="min").item():  # one sync per checkpoint, not per step
+    # The largest |weight|, in one kernel per dtype: NaN or inf when any weight is (an empty shard has no maximum).
+    largest = torch.nn.utils.get_total_norm([p for p in local if p.numel()], float("inf"), foreach=True)
+    finite = largest.isfinite().float().to(fabric.device)
+    if not fabric.all_reduce(finite, reduce_op="min").item():  # one sync per checkpoint, not per step
         raise NonFiniteLoss(f"the weights are not finite at step {state['global_step']} ({paths[0].name})",
                             newest_checkpoint(paths[0].parent))
     # One name for every rank: under FSDP each writes its shard into this directory (a clock read on each rank
     # would give each its own).
     tmp = Path(fabric.broadcast(str(_temporary_name(paths[0])), src=0))
-    fabric.save(tmp, {**state, "rng": gather_rng_states(fabric)})
-    fabric.barrier()  # every rank's part is written
-    if fabric.global_rank == 0:
-        _publishing.append(_publisher.submit(_publish_and_prune, tmp, paths, keep))
+    state = {**state, "rng": gather_rng_states(fabric)}
+    if not _written_by_rank_zero_alone(fabric):
+        fabric.save(tmp, state)
+        fabric.barrier()  # every rank's shard is written
+        if fabric.global_rank == 0:
+            _publishing.append(_publisher.submit(_publish_and_prune, tmp, paths, keep))
+    elif fabric.global_rank == 0:
+        _publishing.append(_publisher.submit(_write_and_publish, fabric, tmp, snapshot(fabric, state), paths, keep))
+
+
+def _written_by_rank_zero_alone(fabric: Fabric) -> bool:
+    """One process, DDP or DP: rank 0 holds the whole state and writes the one file (DeepSpeed and FSDP gather or
+    write shards together, in collectives that only the training thread may issue)."""
+    strategy = fabric.strategy
+    return (isinstance(strategy, (SingleDeviceStrategy, DDPStrategy, DataParallelStrategy))
+            and not isinstance(strategy, DeepSpeedStrategy))
+
+
+def snapshot(fabric: Fabric, state: dict[str, Any]) -> dict[str, Any]:
+    """`state` as Fabric would save it (modules and optimizers as their state dicts), every tensor copied to the
+    CPU: what the writer thread saves while training goes on changing the originals."""
+    converted = fabric.strategy._convert_stateful_objects_in_state(_unwrap_objects(state), filter={})
+    copied = apply_to_collection(converted, torch.Tensor, lambda t: t.detach().to("cpu", copy=True, non_blocking=True))
+    if fabric.device.type == "cuda":
+        torch.cuda.synchronize(fabric.device)  # the copies above are asynchronous
+    return copied
+
+
+def _write_and_publish(fabric: Fabric, tmp: Path, state: dict[str, Any], paths: tuple[Path, ...],
+                       keep: int | None) -> None:
+    """In the background thread. Fabric.save with one process; with several, what it does on rank 0 without its
+    closing barrier, a collective that only the training thread may issue."""
+    if fabric.world_size == 1:
+        fabric.save(tmp, state)
+    else:
+        fabric.strategy.save_checkpoint(tmp, state)
+    _publish_and_prune(tmp, paths, keep)
 
 
 def _temporary_name(path: Path) -> Path:
@@ -354,7 +393,7 @@ def capture_rng_states() -> dict[str, torch.Tensor]:
         "python_internal": torch.tensor(py_internal, dtype=torch.int64),
         "python_rest": torch.tensor([py_version, math.nan if py_gauss is None else py_gauss], dtype=torch.float64),
     }
-    if torch.cuda.is_available():
+    if torch.cuda.is_initialized():  # its generator may have been used (is_available() would ask the driver each time)
         states["cuda"] = torch.cuda.get_rng_state()
     return states
 

@@ -139,7 +139,7 @@ def make_fabric(accelerator: str, devices: str, num_nodes: int = 1, strategy: st
     CPUs; fsdp1 is Fabric's FSDPStrategy (FSDP1, GPUs only). Other names go to Fabric as they are."""
     devices_arg = int(devices) if devices.lstrip("-").isdigit() else devices  # "2" -> 2; "0,1" and "auto" as is
     chosen: Any = {"fsdp": FSDP2Strategy, "fsdp1": "fsdp"}.get(strategy, strategy)
-    # Our checkpoint writer (no copy in memory, nothing in $TMPDIR); FSDP2 writes its shards without a plugin.
+    # Our checkpoint writer (straight into checkpoints/, nothing in $TMPDIR); FSDP2 writes its shards without a plugin.
     plugins: list[Any] = [] if strategy == "fsdp" else [DirectCheckpointIO()]
     named: str | None = precision
     if strategy == "fsdp" and precision == "64-true":  # Fabric refuses the name for FSDP2, not the plugin: fine,

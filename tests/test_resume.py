@@ -566,3 +566,32 @@ def test_the_time_budget_keeps_twice_the_longest_stretch_between_checks_and_a_ma
         for signum, handler in handlers.items():
             signals.signal(signum, handler)
     assert stopped_at == 75 and stop.agreed(one_process) == utils.OUT_OF_TIME  # 75 + 2 x 10 + 5 = the budget
+
+
+def test_a_checkpoint_holds_its_steps_weights_though_written_after_training_moved_on_and_one_is_in_flight(tmp_path):
+    import threading
+
+    import checkpoints
+    import utils
+
+    fabric = utils.make_fabric("cpu", "1")
+    model = fabric.setup(torch.nn.Linear(4, 2))
+    saved = {name: value.clone() for name, value in model.state_dict().items()}
+    writer_free, path = threading.Event(), tmp_path / "checkpoints" / "step-00000001.ckpt"
+    checkpoints._publisher.submit(writer_free.wait)  # the writer thread is busy: the save can only be queued
+    checkpoints.save_checkpoint(fabric, {"model": model, "global_step": 1}, path)
+    with torch.no_grad():
+        model.weight.add_(1.0)  # training goes on while the checkpoint waits to be written
+    second = threading.Thread(target=checkpoints.save_checkpoint,
+                              args=(fabric, {"model": model, "global_step": 2}, path.with_name("step-00000002.ckpt")))
+    second.start()
+    second.join(timeout=0.5)
+    assert second.is_alive() and not path.exists()  # the next save waits for the one in flight: one snapshot held
+    writer_free.set()
+    second.join(timeout=30)
+    checkpoints.wait_for_checkpoints()
+    first = torch.load(path, weights_only=True)
+    assert first["global_step"] == 1 and all(torch.equal(first["model"][k], saved[k]) for k in saved)
+    later = torch.load(path.with_name("step-00000002.ckpt"), weights_only=True)["model"]["weight"]
+    assert torch.equal(later, saved["weight"] + 1.0)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["step-00000001.ckpt", "step-00000002.ckpt"]
