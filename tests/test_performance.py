@@ -34,6 +34,21 @@ def test_overhead_benchmark_runs_and_writes_its_json(tmp_path):
     assert "| template |" in result.stdout and "template/raw" in result.stdout
 
 
+def test_augmentation_benchmark_times_the_step_with_and_without_it(tmp_path):
+    out = tmp_path / "augmentation.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "augmentation.py"), "--batch_size", "16",
+                             "--rounds", "1", "--device", "cpu", "--out", str(out)],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["models"]) == {"cnn", "resnet18_cifar"} and report["batch_size"] == 16
+    for name, timing in report["models"].items():
+        assert timing["step_ms_augment_on"] > 0 and timing["step_ms_augment_off"] > 0 and timing["augmentation_ms"] > 0
+        assert timing["augmentation_share_of_step"] == pytest.approx(timing["augmentation_ms"] /
+                                                                     timing["step_ms_augment_on"])
+        assert f"{name}: step {timing['step_ms_augment_on']:.1f} ms with --augment" in result.stdout
+
+
 def test_startup_is_timed_as_a_whole_process():
     from benchmarks.overhead import startup_seconds
 
