@@ -30,7 +30,8 @@ from lightning.fabric.utilities.load import _load_distributed_checkpoint
 from lightning.fabric.wrappers import _unwrap_objects
 
 from config import PERIODIC_CHECKPOINT, is_checkpoint, periodic_checkpoints
-from errors import NonFiniteLoss, UsageError
+from errors import FilesystemError, NonFiniteLoss, UsageError
+
 
 class DirectCheckpointIO(TorchCheckpointIO):
     """Fabric's checkpoint writer, minus its own atomic save: save_checkpoint below already writes to a temporary
@@ -100,14 +101,14 @@ def save_checkpoint(fabric: Fabric, state: dict[str, Any], *paths: Path, keep: i
     """
     if not paths:
         return
-    wait_for_checkpoints()  # the previous one is on disk; a write that failed (a full disk) stops the run here
+    wait_for_checkpoints(fabric)  # the previous one is on disk; a write that failed (a full disk) stops the run here
     # Periodic names last: a resume continues from the newest of those, so a crash between the renames redoes
     # the epoch and with it best.ckpt, rather than skipping a best.ckpt that was never put in place.
     paths = tuple(sorted(paths, key=lambda p: bool(PERIODIC_CHECKPOINT.match(p.name))))
     keep = keep if PERIODIC_CHECKPOINT.match(paths[-1].name) else None
     local = [p.to_local() if hasattr(p, "to_local") else p for p in state["model"].parameters()]  # FSDP2: a shard
     # The largest |weight|, in one kernel per dtype: NaN or inf when any weight is (an empty shard has no maximum).
-    largest = torch.nn.utils.get_total_norm([p for p in local if p.numel()], float("inf"), foreach=True)
+    largest = torch.nn.utils.get_total_norm([p for p in local if p.numel()], float("inf"))
     finite = largest.isfinite().float().to(fabric.device)
     if not fabric.all_reduce(finite, reduce_op="min").item():  # one sync per checkpoint, not per step
         raise NonFiniteLoss(f"the weights are not finite at step {state['global_step']} ({paths[0].name})",
@@ -137,21 +138,24 @@ def snapshot(fabric: Fabric, state: dict[str, Any]) -> dict[str, Any]:
     """`state` as Fabric would save it (modules and optimizers as their state dicts), every tensor copied to the
     CPU: what the writer thread saves while training goes on changing the originals."""
     converted = fabric.strategy._convert_stateful_objects_in_state(_unwrap_objects(state), filter={})
-    copied = apply_to_collection(converted, torch.Tensor, lambda t: t.detach().to("cpu", copy=True, non_blocking=True))
-    if fabric.device.type == "cuda":
-        torch.cuda.synchronize(fabric.device)  # the copies above are asynchronous
-    return copied
+    return apply_to_collection(converted, torch.Tensor, lambda t: t.detach().to("cpu", copy=True))
 
 
 def _write_and_publish(fabric: Fabric, tmp: Path, state: dict[str, Any], paths: tuple[Path, ...],
                        keep: int | None) -> None:
     """In the background thread. Fabric.save with one process; with several, what it does on rank 0 without its
     closing barrier, a collective that only the training thread may issue."""
+    global longest_write_seconds
+    start = time.monotonic()
     if fabric.world_size == 1:
         fabric.save(tmp, state)
     else:
         fabric.strategy.save_checkpoint(tmp, state)
     _publish_and_prune(tmp, paths, keep)
+    longest_write_seconds = max(longest_write_seconds, time.monotonic() - start)
+
+
+longest_write_seconds = 0.0  # of a checkpoint in the background: --max_time keeps that long in reserve
 
 
 def _temporary_name(path: Path) -> Path:
@@ -172,10 +176,21 @@ def _publish_and_prune(tmp: Path, paths: tuple[Path, ...], keep: int | None) -> 
         prune_checkpoints(paths[0].parent, keep)  # only once the new checkpoint is durable
 
 
-def wait_for_checkpoints() -> None:
-    """Until the checkpoints being published are on disk under their names; re-raises a failure (disk full)."""
-    while _publishing:
-        _publishing.pop(0).result()
+def wait_for_checkpoints(fabric: Fabric | None = None) -> None:
+    """Until the checkpoints being published are on disk under their names; re-raises a failure (disk full). With
+    `fabric`, on every rank together: a write that failed on rank 0 stops them all, not rank 0 alone."""
+    failure = None
+    try:
+        while _publishing:
+            _publishing.pop(0).result()
+    except Exception as err:  # noqa: BLE001 - raised below, on every rank
+        failure = err
+    if fabric is not None and fabric.world_size > 1:
+        written = fabric.all_reduce(torch.tensor(float(failure is None), device=fabric.device), reduce_op="min")
+        if not written.item() and failure is None:
+            raise FilesystemError("rank 0 could not write a checkpoint (it says why); the run stops on every rank")
+    if failure is not None:
+        raise failure
 
 
 def publish(tmp: Path, path: Path) -> None:
@@ -382,8 +397,9 @@ def verify(path: Path) -> None:
 # ------------------------------------------------------------------------------------------------------ RNG
 
 
-def capture_rng_states() -> dict[str, torch.Tensor]:
-    """This process's RNG states as tensors only, so they can be gathered and loaded with weights_only=True."""
+def capture_rng_states(device_type: str = "cpu") -> dict[str, torch.Tensor]:
+    """This process's RNG states as tensors only, so they can be gathered and loaded with weights_only=True; with
+    the accelerator's (`device_type` cuda or mps: the same keys on every rank, whatever else it initialised)."""
     _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     py_version, py_internal, py_gauss = random.getstate()
     states = {
@@ -393,14 +409,16 @@ def capture_rng_states() -> dict[str, torch.Tensor]:
         "python_internal": torch.tensor(py_internal, dtype=torch.int64),
         "python_rest": torch.tensor([py_version, math.nan if py_gauss is None else py_gauss], dtype=torch.float64),
     }
-    if torch.cuda.is_initialized():  # its generator may have been used (is_available() would ask the driver each time)
+    if device_type == "cuda":
         states["cuda"] = torch.cuda.get_rng_state()
+    elif device_type == "mps":
+        states["mps"] = torch.mps.get_rng_state()
     return states
 
 
 def gather_rng_states(fabric: Fabric) -> dict[str, torch.Tensor]:
     """Every rank's RNG states, each stacked along a first dimension of size world_size."""
-    states = capture_rng_states()
+    states = capture_rng_states(fabric.device.type)
     if fabric.world_size == 1:
         return {name: state.unsqueeze(0) for name, state in states.items()}
     with warnings.catch_warnings():  # Fabric's all_gather goes through torch's differentiable one, now deprecated
@@ -420,3 +438,5 @@ def restore_rng_states(states: dict[str, torch.Tensor], rank: int) -> None:
                      None if math.isnan(py_gauss) else py_gauss))
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"][row].clone())
+    if "mps" in states and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(states["mps"][row].clone())

@@ -662,10 +662,10 @@ def flag_reference() -> str:
 def registries() -> str:
     """What --dataset and --model take: the names in task_config.DATASETS and MODELS, each with its help line. The
     end of `train.py --help`, and of the README's flag tables."""
-    lines = []
+    lines, width = [], max(map(len, [*DATASETS, *MODELS]))
     for flag, registry in [("--dataset", DATASETS), ("--model", MODELS)]:
         lines.append(f"{flag}:")
-        lines += [f"  {name:<14} {help}".rstrip() for name, help in registry.items()]
+        lines += [f"  {name:<{width}}  {help}".rstrip() for name, help in registry.items()]
     return "\n".join(lines)
 
 

@@ -34,9 +34,10 @@ class DataInfo:
 
 
 class CropFlip(nn.Module):
-    """The standard CIFAR augmentation on a whole batch, on its device: each image is cropped back to its size from
-    a copy padded by `pad` reflected pixels on every side, at a random offset, and flipped left-right with
-    probability 1/2. In training mode only: evaluation sees the images as they are.
+    """CIFAR's usual augmentation on a whole batch, on its device: each image is cropped back to its size from a
+    copy padded by `pad` reflected pixels on every side, at a random offset, and flipped left-right with
+    probability 1/2. In training mode only: evaluation sees the images as they are. (torchvision's
+    RandomCrop(padding=4) pads with black; reflection, as airbench does, leaves no black borders to learn.)
 
     It draws from the device's global RNG, which is seeded per rank and saved in every checkpoint: a run is the
     same under its seed, and a resumed run draws what the uninterrupted one did."""
@@ -93,7 +94,10 @@ class ImageTensorDataset(Dataset):
 def load_splits(cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset, Dataset, DataInfo]:
     """(train, val, test, info) of --dataset. The test split is fixed per dataset and never seen in training;
     val is a seeded random VAL_FRACTION of the rest."""
-    fit, test, info = globals()[cfg.dataset](cfg)  # --dataset NAME is the function NAME below
+    load = globals().get(cfg.dataset)  # --dataset NAME is the function NAME below
+    if not callable(load):
+        raise UsageError(f"--dataset {cfg.dataset!r} is in task_config.DATASETS, but data.py has no such function")
+    fit, test, info = load(cfg)
     order = torch.randperm(len(fit), generator=torch.Generator().manual_seed(seed))
     num_val = int(len(fit) * VAL_FRACTION)
     return _subset(fit, order[num_val:]), _subset(fit, order[:num_val]), test, info

@@ -22,7 +22,10 @@ def build_model(cfg: ArchConfig, info: DataInfo, pretrained: bool = True) -> nn.
     """The model that --model names, for the data that `info` describes. `pretrained=False` where the weights
     come from elsewhere (test.py's checkpoint) or do not matter (FLOPs on the meta device): nothing is downloaded."""
     if cfg.model in MODELS:
-        return globals()[cfg.model](cfg, info)  # --model NAME is the function NAME below
+        build = globals().get(cfg.model)  # --model NAME is the function NAME below
+        if not callable(build):
+            raise UsageError(f"--model {cfg.model!r} is in task_config.MODELS, but model.py has no such function")
+        return build(cfg, info)
     return TorchvisionClassifier(cfg.model, info, cfg.dropout, cfg.pretrained and pretrained)
 
 

@@ -39,8 +39,8 @@ class DataConfig:
     data_dir: str = "data"
     """Where torchvision datasets are stored (downloaded on first use when online)."""
     augment: bool = True
-    """Augment the training batches where the dataset calls for it, on the device: CIFAR-10 gets the standard
-    random crop (4 pixels of reflected padding) and horizontal flip; the digit datasets get none. --augment false
+    """Augment the training batches where the dataset calls for it, on the device: CIFAR-10 gets a random crop (of
+    the image padded by 4 reflected pixels) and a horizontal flip; the digit datasets get none. --augment false
     turns it off."""
     synthetic_size: int = 50_000
     """Training images of --dataset synthetic_cifar10 (its test split has a fifth as many)."""

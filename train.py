@@ -242,7 +242,7 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
                 break
 
     save_checkpoint("final.ckpt")
-    checkpoints.wait_for_checkpoints()  # on disk before the run says it is finished
+    checkpoints.wait_for_checkpoints(fabric)  # on disk, on every rank's word, before the run says it is finished
     seconds, steps = time.perf_counter() - start_time, state["global_step"] - start_step
     if fabric.is_global_zero:
         draw_curves(run_dir, monitor, mode)  # from the whole run's CSV log, resumed parts included

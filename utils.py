@@ -42,6 +42,7 @@ from lightning.pytorch.loggers import CSVLogger  # Fabric's own CSVLogger cannot
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from tqdm import tqdm
 
+import checkpoints
 from checkpoints import DirectCheckpointIO, checkpoint_step, clean_up_after_crash, set_aside, wait_for_checkpoints
 from config import DebugConfig, TrainConfig, is_checkpoint, load_train_config, overrides, resumed_run, to_yaml
 from errors import LAUNCHER_ENV, FilesystemError, UsageError
@@ -72,7 +73,8 @@ class StopSignals:
 
     With a time budget (seconds from the start of the process: imports count), the run stops the same way once
     the time left is less than twice the longest stretch seen between two checks (a step, or the validation and
-    checkpoint at an epoch's end) plus a margin of 5% of the budget (at most a minute) for the save and exit."""
+    checkpoint at an epoch's end), plus the longest checkpoint write, plus a margin of 5% of the budget (at most a
+    minute) for the exit."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
@@ -94,7 +96,8 @@ class StopSignals:
         if self.deadline is not None and not self.received:
             now = self.clock()
             self.longest_gap, self.last_check = max(self.longest_gap, now - self.last_check), now
-            if now + 2 * self.longest_gap + self.margin >= self.deadline:
+            # The stop's checkpoint is written in the background, but the exit waits for it: keep its time too.
+            if now + 2 * self.longest_gap + checkpoints.longest_write_seconds + self.margin >= self.deadline:
                 self.received = OUT_OF_TIME
         if fabric.world_size == 1:
             return self.received
@@ -117,7 +120,7 @@ def stop_after_signal(fabric: Fabric, cfg: TrainConfig, signum: int, checkpoint:
     says so, requeues the SLURM job if asked to and flushes the loggers, and only then does any rank stop
     (Preempted). A rank that exited earlier could get the others killed before the
     checkpoint is durable: Fabric's launcher ends every process when one exits with a non-zero code."""
-    wait_for_checkpoints()
+    wait_for_checkpoints(fabric)
     if fabric.global_rank == 0:
         print(f"Stopped by {stop_reason(signum)} at step {checkpoint_step(checkpoint)}: {checkpoint} saved. "
               f"Continue with: python train.py --resume {checkpoint.parent.parent}", flush=True)

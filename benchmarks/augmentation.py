@@ -82,7 +82,8 @@ def main() -> None:
                                   "step_ms_difference": step_on - step_off}
         print(f"{name}: step {step_on:.1f} ms with --augment, {step_off:.1f} ms without; the augmentation alone "
               f"{aug:.2f} ms = {100 * aug / step_on:.1f}% of the step (batch {args.batch_size}, {report['device']})")
-    out = args.out or REPO / "benchmarks" / "results" / f"augmentation-{args.device}.json"
+    out = args.out or REPO / "benchmarks" / "results" / f"augmentation-{args.device.replace(':', '')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"Wrote {out}")
 

@@ -163,7 +163,7 @@ def main() -> None:
     if args.steps is not None and args.steps < 4:
         parser.error("--steps must be at least 4: throughput needs 3 log steps, and the first window is warm-up")
     if not args.dry_run:
-        import torch  # only here: the runs themselves say which versions and devices they used
+        import torch  # the runs themselves say which versions and devices they used
 
         if not torch.cuda.is_available():
             print("error: no CUDA GPU found (torch.cuda.is_available() is False): this benchmark needs one; "

@@ -465,3 +465,18 @@ def test_early_stopping_is_agreed_by_both_processes_and_resumes_with_its_count(f
                                      "--early_stopping_patience to train further." in again.stdout
     longer = fork.call("train.py", "--resume", str(run_dir), *one, "--early_stopping_patience", "4")
     assert longer.returncode == 0 and "stopped early after epoch 5 of 6" in longer.stdout
+
+
+def test_a_write_that_fails_on_rank_0_stops_both_processes_in_one_line(fork, tmp_path):
+    # Only rank 0 writes, in a background thread; its failure must stop rank 1 too, not leave it waiting forever
+    # in the next collective while rank 0 exits.
+    from test_resume import crash
+
+    failed = crash(fork, "disk_full", 2, "--root_dir", str(tmp_path), "--epochs", "2", "--num_samples", "767",
+                   "--checkpoint_every_n_steps", "3", *TWO_PROCESSES)
+    assert failed.returncode == 4 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path)
+    reported = [line for line in failed.stderr.splitlines() if "No space left on device" in line]
+    assert len(reported) == 1 and re.fullmatch(
+        rf"error: No space left on device: {run_dir}/checkpoints/\.step-\d+\.ckpt\.\d+\.tmp", reported[0]), reported
+    assert [p.name for p in (run_dir / "checkpoints").glob("step-*.ckpt")] == ["step-00000003.ckpt"]

@@ -30,6 +30,7 @@ def test_overhead_benchmark_runs_and_writes_its_json(tmp_path):
                                                                                   1000 / steps["raw"])
     assert report["startup_seconds"] == {"help": None, "bad_flag": None, "default_run": None}  # skipped here
     assert 0 < report["data_wait_fraction"] < 1 and 0 < report["checkpoint_fraction"] < 1
+    assert report["checkpoint_writer_seconds"] > 0 and 0 < report["checkpoint_writer_fraction"] < 1
     assert report["versions"]["torch"] == torch.__version__
     assert "| template |" in result.stdout and "template/raw" in result.stdout
 
