@@ -1,6 +1,6 @@
 """What --augment costs: the CIFAR crop + flip (data.CropFlip) against the training step it runs in.
 
-    python benchmarks/augmentation.py [--batch_size 128] [--rounds 7] [--device cpu|cuda] [--out FILE]
+    python benchmarks/augmentation.py [--batch_size 128] [--rounds 7] [--device cpu|cuda] [--models ...] [--out FILE]
 
 On synthetic CIFAR-10-shaped batches (data.synthetic_cifar10), for the default CNN and resnet18_cifar, it times
 a whole training step (the model's forward with its augmentation, cross-entropy, backward, AdamW) with the
@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, help="JSON file (default: benchmarks/results/augmentation-DEVICE.json)")
+    parser.add_argument("--models", nargs="+", choices=list(STEPS), default=list(STEPS))
     args = parser.parse_args()
     torch.manual_seed(0)
     fit, _, info = synthetic_cifar10(DataConfig(synthetic_size=args.batch_size))
@@ -68,7 +69,8 @@ def main() -> None:
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     report = {"device": device, "batch_size": args.batch_size, "rounds": args.rounds, "torch": torch.__version__,
               "models": {}}
-    for name, steps in STEPS.items():
+    for name in args.models:
+        steps = STEPS[name]
         models = {on: build_model(ArchConfig(model=name, dropout=0.0), info if on else replace(info, augment=None))
                   .to(args.device).train() for on in (True, False)}
         on, off, alone = [], [], []

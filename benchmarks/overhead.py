@@ -5,7 +5,8 @@
 
 Reported: steps/s and ms/step of each (median over the repeats, with min and max), the template's and the
 Trainer's overhead over raw in ms/step (round by round), the data wait and the checkpoint cost (on the training
-thread, and the background write apart), and the whole-process time of `train.py --help`, of a bad flag and of the default run (start-up).
+thread, and the background write apart), and the whole-process time of `train.py --help`, of a bad flag and of
+the default run (start-up).
 
 Same model (the default CNN), data (digits, in memory), batch size (64) and precision (32-true) for each
 contender, in one process. The contenders alternate within each repeat, so that drift of the machine hits them

@@ -38,11 +38,11 @@ def test_overhead_benchmark_runs_and_writes_its_json(tmp_path):
 def test_augmentation_benchmark_times_the_step_with_and_without_it(tmp_path):
     out = tmp_path / "augmentation.json"
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "augmentation.py"), "--batch_size", "16",
-                             "--rounds", "1", "--device", "cpu", "--out", str(out)],
+                             "--rounds", "1", "--device", "cpu", "--models", "cnn", "--out", str(out)],
                             capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert set(report["models"]) == {"cnn", "resnet18_cifar"} and report["batch_size"] == 16
+    assert set(report["models"]) == {"cnn"} and report["batch_size"] == 16  # resnet18_cifar: seconds a step here
     for name, timing in report["models"].items():
         assert timing["step_ms_augment_on"] > 0 and timing["step_ms_augment_off"] > 0 and timing["augmentation_ms"] > 0
         assert timing["augmentation_share_of_step"] == pytest.approx(timing["augmentation_ms"] /
@@ -96,7 +96,8 @@ def test_activation_checkpointing_recomputes_each_block_in_the_backward_pass():
 
     model = build_model(ArchConfig(), DataInfo(10, 1, ()))
     utils.checkpoint_activations(model)
-    assert [type(block).__name__ for block in model.children()] == ["CheckpointWrapper", "CheckpointWrapper"]
+    wrapped = {name: type(block).__name__ for name, block in model.named_children()}
+    assert wrapped == {"augment": "Identity", "features": "CheckpointWrapper", "classifier": "CheckpointWrapper"}
     forwards = []  # a block's forward runs again during backward: that is the recomputation
     conv = model.features._checkpoint_wrapped_module[0]
     conv.forward = lambda x, forward=conv.forward: forwards.append(True) or forward(x)
