@@ -6,6 +6,11 @@ Prints the loss and every metric of the task, then the task's report (task.repor
 RUN_DIR/test/metrics.json with the same numbers.
 """
 
+import json
+from pathlib import Path
+
+import yaml
+
 from config import TestConfig, TrainConfig, find_checkpoint, load_train_config, parse_test_config
 from errors import exit_on_usage_error
 
@@ -13,10 +18,6 @@ if __name__ == "__main__":  # checked before the imports below (torch and Lightn
     with exit_on_usage_error():  # bad value answers at once
         CLI_CONFIG = parse_test_config()
 
-import json  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import yaml  # noqa: E402
 from lightning.fabric import Fabric  # noqa: E402
 
 import checkpoints  # noqa: E402

@@ -5,20 +5,20 @@ Everything that can fail on bad input fails before the run directory is created,
 The loop never looks inside a batch: task.forward turns it into a loss, and task.metrics says what to measure.
 """
 
+import contextlib
+import math
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterable
+
 from config import LogConfig, OptimConfig, TrainConfig, is_checkpoint, parse_train_config
 from errors import NonFiniteLoss, UsageError, exit_on_usage_error, started_by_launcher
 
 if __name__ == "__main__":  # checked before the imports below (torch and Lightning take ~5 s): --help, a typo or a
     with exit_on_usage_error():  # bad value answers at once
         CLI_CONFIG = parse_train_config()
-
-import contextlib  # noqa: E402
-import math  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from dataclasses import asdict  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Iterable  # noqa: E402
 
 import torch  # noqa: E402
 from lightning.fabric import Fabric, seed_everything  # noqa: E402
