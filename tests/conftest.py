@@ -2,9 +2,10 @@
 
 - The generic tier (test_train, test_resume, test_distributed, test_bad_inputs, test_config, test_loaders)
   checks the machinery: the loop, checkpoints, resume, distribution, logging, bad input. Whatever
-  trains runs in `fork`: a copy of this repository whose task home (data.py, model.py, task.py) is replaced by the
-  toy task in tests/toy_task (dict batches, regression, lowest error is best), as a fork would replace it. Counts
-  are derived from the run, never pinned. After a fork swaps its own task in, this tier runs and passes unchanged.
+  trains runs in `fork`: a copy of this repository whose task home (data.py, model.py, task.py, task_config.py) is
+  replaced by the toy task in tests/toy_task (dict batches, regression, lowest error is best), as a fork would
+  replace it. Counts are derived from the run, never pinned. After a fork swaps its own task in, this tier runs
+  and passes unchanged.
 - The task tier (test_digits, test_performance, test_readme) checks the template's own task: digits and the
   torchvision datasets, the CNN and torchvision models, classification metrics and reports, the README. A fork
   replaces these files with tests of its own task.
