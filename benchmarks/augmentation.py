@@ -28,11 +28,13 @@ from task_config import ArchConfig, DataConfig  # noqa: E402
 STEPS = {"cnn": 20, "resnet18_cifar": 3}  # per round: a resnet18 step on a CPU takes seconds
 
 
-def step_seconds(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int) -> float:
+def step_seconds(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int
+) -> float:
     """Median seconds of a training step, after one warm-up step."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     times = []
-    for i in range(steps + 1):
+    for _ in range(steps + 1):
         start = time.perf_counter()
         loss = torch.nn.functional.cross_entropy(model(images), labels)
         loss.backward()
@@ -44,7 +46,9 @@ def step_seconds(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
     return statistics.median(times[1:])
 
 
-def augmentation_seconds(augment: torch.nn.Module, images: torch.Tensor, repeats: int = 50) -> float:
+def augmentation_seconds(
+    augment: torch.nn.Module, images: torch.Tensor, repeats: int = 50
+) -> float:
     times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
@@ -60,31 +64,57 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, help="JSON file (default: benchmarks/results/augmentation-DEVICE.json)")
+    parser.add_argument(
+        "--out", type=Path, help="JSON file (default: benchmarks/results/augmentation-DEVICE.json)"
+    )
     parser.add_argument("--models", nargs="+", choices=list(STEPS), default=list(STEPS))
     args = parser.parse_args()
     torch.manual_seed(0)
     fit, _, info = synthetic_cifar10(DataConfig(synthetic_size=args.batch_size))
     images, labels = (t.to(args.device) for t in fit.__getitems__(list(range(args.batch_size))))
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    report = {"device": device, "batch_size": args.batch_size, "rounds": args.rounds, "torch": torch.__version__,
-              "models": {}}
+    device = (
+        torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"cpu, {torch.get_num_threads()} threads"
+    )
+    report = {
+        "device": device,
+        "batch_size": args.batch_size,
+        "rounds": args.rounds,
+        "torch": torch.__version__,
+        "models": {},
+    }
     for name in args.models:
         steps = STEPS[name]
-        models = {on: build_model(ArchConfig(model=name, dropout=0.0), info if on else replace(info, augment=None))
-                  .to(args.device).train() for on in (True, False)}
+        models = {
+            on: build_model(
+                ArchConfig(model=name, dropout=0.0), info if on else replace(info, augment=None)
+            )
+            .to(args.device)
+            .train()
+            for on in (True, False)
+        }
         on, off, alone = [], [], []
         for _ in range(args.rounds):
             on.append(step_seconds(models[True], images, labels, steps))
             off.append(step_seconds(models[False], images, labels, steps))
             alone.append(augmentation_seconds(info.augment, images))
         step_on, step_off, aug = (1000 * statistics.median(x) for x in (on, off, alone))
-        report["models"][name] = {"step_ms_augment_on": step_on, "step_ms_augment_off": step_off,
-                                  "augmentation_ms": aug, "augmentation_share_of_step": aug / step_on,
-                                  "step_ms_difference": step_on - step_off}
-        print(f"{name}: step {step_on:.1f} ms with --augment, {step_off:.1f} ms without; the augmentation alone "
-              f"{aug:.2f} ms = {100 * aug / step_on:.1f}% of the step (batch {args.batch_size}, {report['device']})")
-    out = args.out or REPO / "benchmarks" / "results" / f"augmentation-{args.device.replace(':', '')}.json"
+        report["models"][name] = {
+            "step_ms_augment_on": step_on,
+            "step_ms_augment_off": step_off,
+            "augmentation_ms": aug,
+            "augmentation_share_of_step": aug / step_on,
+            "step_ms_difference": step_on - step_off,
+        }
+        print(
+            f"{name}: step {step_on:.1f} ms with --augment, {step_off:.1f} ms without; the augmentation alone "
+            f"{aug:.2f} ms = {100 * aug / step_on:.1f}% of the step (batch {args.batch_size}, {report['device']})"
+        )
+    out = (
+        args.out
+        or REPO / "benchmarks" / "results" / f"augmentation-{args.device.replace(':', '')}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"Wrote {out}")

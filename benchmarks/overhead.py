@@ -34,8 +34,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning
 import torch
@@ -44,12 +45,16 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import checkpoints  # noqa: E402
+import machinery.progress  # noqa: E402
+import machinery.run  # noqa: E402
+import machinery.sampler  # noqa: E402
 import train  # noqa: E402
-import utils  # noqa: E402
-from config import OptimConfig, parse_train_config  # noqa: E402
+from config import OptimConfig  # noqa: E402
 from data import load_splits  # noqa: E402
-from loaders import make_eval_loader, make_train_loader  # noqa: E402
+from machinery import checkpoints, launch  # noqa: E402
+from machinery.cli import parse_train_config  # noqa: E402
+from machinery.sampler import make_eval_loader, make_train_loader  # noqa: E402
+from machinery.schedule import lr_factor, lr_schedule  # noqa: E402
 from model import SmallCNN  # noqa: E402
 from task_config import DataConfig  # noqa: E402
 
@@ -59,8 +64,11 @@ BATCH_SIZE, LR, SEED = 64, 2e-3, 42
 def steady_steps_per_sec(stamps: list[float], steps_per_epoch: int) -> float:
     """Steps/s from the time of each optimizer step's end, counting neither the first epoch nor the first step
     of any epoch (which includes the previous epoch's validation and checkpoints)."""
-    intervals = [b - a for i, (a, b) in enumerate(zip(stamps, stamps[1:]), start=1)
-                 if i >= steps_per_epoch and i % steps_per_epoch != 0]
+    intervals = [
+        b - a
+        for i, (a, b) in enumerate(zip(stamps, stamps[1:]), start=1)
+        if i >= steps_per_epoch and i % steps_per_epoch != 0
+    ]
     return len(intervals) / sum(intervals)
 
 
@@ -70,17 +78,17 @@ def run_raw(epochs: int, fused: bool = True) -> dict[str, Any]:
     model = SmallCNN(info.in_channels, info.num_classes, dropout=0.1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01, fused=fused or None)
     steps_per_epoch = len(train_set) // BATCH_SIZE
-    schedule = train.lr_schedule(OptimConfig(epochs=epochs), epochs, steps_per_epoch)
+    schedule = lr_schedule(OptimConfig(epochs=epochs), epochs, steps_per_epoch)
     stamps = []
     for epoch in range(epochs):
         order = torch.randperm(len(train_set))
         for step in range(steps_per_epoch):
-            x, y = train_set.__getitems__(order[step * BATCH_SIZE:(step + 1) * BATCH_SIZE])
+            x, y = train_set.__getitems__(order[step * BATCH_SIZE : (step + 1) * BATCH_SIZE])
             loss = F.cross_entropy(model(x), y)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
             for group in optimizer.param_groups:
-                group["lr"] = LR * train.lr_factor(epoch * steps_per_epoch + step, schedule)
+                group["lr"] = LR * lr_factor(epoch * steps_per_epoch + step, schedule)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             stamps.append(time.perf_counter())
@@ -92,7 +100,7 @@ def run_template(epochs: int, extra_args: tuple[str, ...] = ()) -> dict[str, Any
     the training DataLoader's iterator is timed, and so are the checkpoint saves."""
     stamps, data_wait, saves = [], [0.0], []
 
-    def clocked_update(progress: utils.Progress) -> None:
+    def clocked_update(progress: machinery.progress.Progress) -> None:
         stamps.append(time.perf_counter())
         update(progress)
 
@@ -120,28 +128,42 @@ def run_template(epochs: int, extra_args: tuple[str, ...] = ()) -> dict[str, Any
         save_checkpoint(*args, **kwargs)
         saves.append(time.perf_counter() - start)
 
-    def timed_write(*args: Any, **kwargs: Any) -> None:  # in the background thread: serialise, flush, rename
+    def timed_write(
+        *args: Any, **kwargs: Any
+    ) -> None:  # in the background thread: serialise, flush, rename
         start = time.perf_counter()
         write(*args, **kwargs)
         writes.append(time.perf_counter() - start)
 
-    save_checkpoint, write, update = checkpoints.save_checkpoint, checkpoints._write_and_publish, utils.Progress.update
+    save_checkpoint, write, update = (
+        checkpoints.save_checkpoint,
+        checkpoints.write_and_publish,
+        machinery.progress.Progress.update,
+    )
     writes: list[float] = []
-    with tempfile.TemporaryDirectory() as root, _patched(utils.Progress, "update", clocked_update), \
-            _patched(train, "make_train_loader", timed_loader), _patched(checkpoints, "save_checkpoint", timed_save), \
-            _patched(checkpoints, "_write_and_publish", timed_write):
+    with (
+        tempfile.TemporaryDirectory() as root,
+        _patched(machinery.progress.Progress, "update", clocked_update),
+        _patched(machinery.sampler, "make_train_loader", timed_loader),  # what make_loaders calls
+        _patched(
+            machinery.run, "save_checkpoint", timed_save
+        ),  # what machinery/run's Run.save calls
+        _patched(checkpoints, "write_and_publish", timed_write),
+    ):
         cfg = parse_train_config(["--root_dir", root, "--epochs", str(epochs), *extra_args])
-        fabric = utils.make_fabric(cfg.hardware.accelerator, cfg.hardware.devices)
         train_start = time.perf_counter()
-        utils.launch(fabric, train.main, cfg)
+        launch.run(train.main, cfg, cfg.hardware)  # as train.py's cli() does: Fabric, its loggers
         train_seconds = time.perf_counter() - train_start
     steps_per_epoch = len(stamps) // epochs
-    return {"steps_per_sec": steady_steps_per_sec(stamps, steps_per_epoch),
-            "data_wait_fraction": data_wait[0] / (stamps[-1] - stamps[0]),
-            "checkpoint_seconds": statistics.median(saves), "checkpoints": len(saves),
-            "checkpoint_fraction": sum(saves) / train_seconds,
-            "checkpoint_writer_seconds": statistics.median(writes),
-            "checkpoint_writer_fraction": sum(writes) / train_seconds}
+    return {
+        "steps_per_sec": steady_steps_per_sec(stamps, steps_per_epoch),
+        "data_wait_fraction": data_wait[0] / (stamps[-1] - stamps[0]),
+        "checkpoint_seconds": statistics.median(saves),
+        "checkpoints": len(saves),
+        "checkpoint_fraction": sum(saves) / train_seconds,
+        "checkpoint_writer_seconds": statistics.median(writes),
+        "checkpoint_writer_fraction": sum(writes) / train_seconds,
+    }
 
 
 def run_trainer(epochs: int) -> dict[str, Any]:
@@ -168,19 +190,35 @@ def run_trainer(epochs: int) -> dict[str, Any]:
         def configure_optimizers(self) -> dict:
             optimizer = torch.optim.AdamW(self.parameters(), lr=LR, weight_decay=0.01, fused=True)
             steps_per_epoch = len(train_set) // BATCH_SIZE
-            schedule = train.lr_schedule(OptimConfig(epochs=epochs), epochs, steps_per_epoch)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: train.lr_factor(step, schedule))
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+            schedule = lr_schedule(OptimConfig(epochs=epochs), epochs, steps_per_epoch)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: lr_factor(step, schedule)
+            )
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+            }
 
         def on_train_batch_end(self, *args: Any) -> None:
             stamps.append(time.perf_counter())
 
-    sampler = torch.utils.data.BatchSampler(torch.utils.data.RandomSampler(train_set), BATCH_SIZE, drop_last=True)
+    sampler = torch.utils.data.BatchSampler(
+        torch.utils.data.RandomSampler(train_set), BATCH_SIZE, drop_last=True
+    )
     with tempfile.TemporaryDirectory() as root:
         pl.seed_everything(SEED, verbose=False)
-        trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, default_root_dir=root,
-                             gradient_clip_val=1.0)
-        trainer.fit(Module(), make_train_loader(train_set, sampler, 0), make_eval_loader(val_set, BATCH_SIZE, 0, 1, 0))
+        trainer = pl.Trainer(
+            max_epochs=epochs,
+            accelerator="cpu",
+            devices=1,
+            default_root_dir=root,
+            gradient_clip_val=1.0,
+        )
+        trainer.fit(
+            Module(),
+            make_train_loader(train_set, sampler, 0),
+            make_eval_loader(val_set, BATCH_SIZE, 0, 1, 0),
+        )
     return {"steps_per_sec": steady_steps_per_sec(stamps, len(train_set) // BATCH_SIZE)}
 
 
@@ -202,10 +240,13 @@ def measure(contenders: dict[str, Callable[[], dict]], repeats: int) -> dict[str
         _quietly(contenders[name])
     results: dict[str, list[dict]] = {name: [] for name in names}
     for repeat in range(repeats):
-        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
             results[name].append(_quietly(contenders[name]))
-            print(f"  repeat {repeat + 1}/{repeats} {name:<24} {results[name][-1]['steps_per_sec']:7.1f} steps/s",
-                  file=sys.__stderr__, flush=True)
+            print(
+                f"  repeat {repeat + 1}/{repeats} {name:<24} {results[name][-1]['steps_per_sec']:7.1f} steps/s",
+                file=sys.__stderr__,
+                flush=True,
+            )
     return results
 
 
@@ -215,7 +256,12 @@ def spread(values: list[float]) -> dict[str, float]:
 
 def overhead_ms(runs: dict[str, list[dict]], name: str) -> dict[str, float]:
     """`name`'s ms/step minus raw's, round by round (the two ran back to back, on the same machine state)."""
-    return spread([1000 / a["steps_per_sec"] - 1000 / b["steps_per_sec"] for a, b in zip(runs[name], runs["raw"])])
+    return spread(
+        [
+            1000 / a["steps_per_sec"] - 1000 / b["steps_per_sec"]
+            for a, b in zip(runs[name], runs["raw"])
+        ]
+    )
 
 
 def startup_seconds(command: list[str], repeats: int) -> float | None:
@@ -224,7 +270,9 @@ def startup_seconds(command: list[str], repeats: int) -> float | None:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        subprocess.run(command, capture_output=True, cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"})
+        subprocess.run(
+            command, capture_output=True, cwd=REPO, env={**os.environ, "WANDB_MODE": "offline"}
+        )
         times.append(time.perf_counter() - start)
     return statistics.median(times) if times else None
 
@@ -236,38 +284,67 @@ def _quietly(function: Callable[[], dict]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--epochs", type=int, default=10, help="epochs per run (20 steps each)")
-    parser.add_argument("--repeats", type=int, default=5, help="runs per contender; the median is reported")
-    parser.add_argument("--speed_options", action="store_true", help="also --channels_last, --compile, unfused AdamW")
-    parser.add_argument("--startup_repeats", type=int, default=5, help="whole-process runs of train.py --help, of a "
-                        "bad flag and of the default run, each (median reported); 0 skips them")
-    parser.add_argument("--name", default=f"{platform.machine()}-{os.cpu_count()}cpu", help="results file name")
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="runs per contender; the median is reported"
+    )
+    parser.add_argument(
+        "--speed_options",
+        action="store_true",
+        help="also --channels_last, --compile, unfused AdamW",
+    )
+    parser.add_argument(
+        "--startup_repeats",
+        type=int,
+        default=5,
+        help="whole-process runs of train.py --help, of a "
+        "bad flag and of the default run, each (median reported); 0 skips them",
+    )
+    parser.add_argument(
+        "--name", default=f"{platform.machine()}-{os.cpu_count()}cpu", help="results file name"
+    )
     parser.add_argument("--results_dir", type=Path, default=REPO / "benchmarks" / "results")
     args = parser.parse_args()
     if args.epochs < 2:
         parser.error("--epochs must be at least 2: the first epoch is warm-up")
     torch.set_num_threads(os.cpu_count() or 1)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # the Trainer's model summary, once per run
+    logging.getLogger("lightning.pytorch").setLevel(
+        logging.WARNING
+    )  # the Trainer's model summary, once per run
 
-    contenders = {"raw": lambda: run_raw(args.epochs), "template": lambda: run_template(args.epochs),
-                  "trainer": lambda: run_trainer(args.epochs)}
+    contenders = {
+        "raw": lambda: run_raw(args.epochs),
+        "template": lambda: run_template(args.epochs),
+        "trainer": lambda: run_trainer(args.epochs),
+    }
     if args.speed_options:
-        contenders |= {"raw, unfused AdamW": lambda: run_raw(args.epochs, fused=False),
-                       "template --channels_last": lambda: run_template(args.epochs, ("--channels_last",)),
-                       "template --compile": lambda: run_template(args.epochs, ("--compile",))}
+        contenders |= {
+            "raw, unfused AdamW": lambda: run_raw(args.epochs, fused=False),
+            "template --channels_last": lambda: run_template(args.epochs, ("--channels_last",)),
+            "template --compile": lambda: run_template(args.epochs, ("--compile",)),
+        }
     runs = measure(contenders, args.repeats)
-    results = {name: {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
-               for name, rounds in runs.items()}
+    results = {
+        name: {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+        for name, rounds in runs.items()
+    }
     raw, template, trainer = results["raw"], results["template"], results["trainer"]
     with tempfile.TemporaryDirectory() as root:
         train_py = [sys.executable, str(REPO / "train.py")]
-        startup = {"help": startup_seconds([*train_py, "--help"], args.startup_repeats),
-                   "bad_flag": startup_seconds([*train_py, "--epochs", "many"], args.startup_repeats),
-                   "default_run": startup_seconds([*train_py, "--root_dir", root], args.startup_repeats)}
+        startup = {
+            "help": startup_seconds([*train_py, "--help"], args.startup_repeats),
+            "bad_flag": startup_seconds([*train_py, "--epochs", "many"], args.startup_repeats),
+            "default_run": startup_seconds([*train_py, "--root_dir", root], args.startup_repeats),
+        }
     report = {
         "steps_per_sec": {name: r["steps_per_sec"] for name, r in results.items()},
-        "ms_per_step": {name: spread([1000 / r["steps_per_sec"] for r in rounds]) for name, rounds in runs.items()},
+        "ms_per_step": {
+            name: spread([1000 / r["steps_per_sec"] for r in rounds])
+            for name, rounds in runs.items()
+        },
         "template_minus_raw_ms_per_step": overhead_ms(runs, "template"),
         "trainer_minus_raw_ms_per_step": overhead_ms(runs, "trainer"),
         "template_vs_raw": template["steps_per_sec"] / raw["steps_per_sec"],
@@ -279,36 +356,62 @@ def main() -> None:
         "checkpoint_writer_fraction": template["checkpoint_writer_fraction"],
         "checkpoints_per_run": template["checkpoints"],
         "startup_seconds": startup,
-        "setting": {"dataset": "digits", "model": "cnn", "batch_size": BATCH_SIZE, "precision": "32-true",
-                    "epochs": args.epochs, "repeats": args.repeats, "steps_per_epoch": 20,
-                    "startup_repeats": args.startup_repeats},
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                    "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "lightning": lightning.__version__},
+        "setting": {
+            "dataset": "digits",
+            "model": "cnn",
+            "batch_size": BATCH_SIZE,
+            "precision": "32-true",
+            "epochs": args.epochs,
+            "repeats": args.repeats,
+            "steps_per_epoch": 20,
+            "startup_repeats": args.startup_repeats,
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        },
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "lightning": lightning.__version__,
+        },
         "date": time.strftime("%Y-%m-%d"),
     }
     out = args.results_dir / f"{args.name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
 
-    print("\n| contender | steps/s | ms/step, median (min-max) | - raw, ms/step | vs raw |\n|---|---:|---:|---:|---:|")
+    print(
+        "\n| contender | steps/s | ms/step, median (min-max) | - raw, ms/step | vs raw |\n|---|---:|---:|---:|---:|"
+    )
     for name, r in results.items():
         ms, minus = report["ms_per_step"][name], overhead_ms(runs, name) if name != "raw" else None
-        print(f"| {name} | {r['steps_per_sec']:.1f} | {ms['median']:.2f} ({ms['min']:.2f}-{ms['max']:.2f}) | "
-              + (f"{minus['median']:+.2f} ({minus['min']:+.2f} to {minus['max']:+.2f})" if minus else "") +
-              f" | {r['steps_per_sec'] / raw['steps_per_sec']:.3f} |")
-    print(f"\ntemplate/raw {report['template_vs_raw']:.3f}, template/Trainer {report['template_vs_trainer']:.3f}; "
-          f"data wait {100 * report['data_wait_fraction']:.1f}% of template step time; checkpoint "
-          f"{1000 * report['checkpoint_seconds']:.1f} ms each on the training thread, "
-          f"{100 * report['checkpoint_fraction']:.1f}% of training time at the default cadence "
-          f"({report['checkpoints_per_run']} per {args.epochs}-epoch run); the background write "
-          f"{1000 * report['checkpoint_writer_seconds']:.1f} ms each "
-          f"({100 * report['checkpoint_writer_fraction']:.1f}% of training time, overlapped)")
+        print(
+            f"| {name} | {r['steps_per_sec']:.1f} | {ms['median']:.2f} ({ms['min']:.2f}-{ms['max']:.2f}) | "
+            + (
+                f"{minus['median']:+.2f} ({minus['min']:+.2f} to {minus['max']:+.2f})"
+                if minus
+                else ""
+            )
+            + f" | {r['steps_per_sec'] / raw['steps_per_sec']:.3f} |"
+        )
+    print(
+        f"\ntemplate/raw {report['template_vs_raw']:.3f}, template/Trainer {report['template_vs_trainer']:.3f}; "
+        f"data wait {100 * report['data_wait_fraction']:.1f}% of template step time; checkpoint "
+        f"{1000 * report['checkpoint_seconds']:.1f} ms each on the training thread, "
+        f"{100 * report['checkpoint_fraction']:.1f}% of training time at the default cadence "
+        f"({report['checkpoints_per_run']} per {args.epochs}-epoch run); the background write "
+        f"{1000 * report['checkpoint_writer_seconds']:.1f} ms each "
+        f"({100 * report['checkpoint_writer_fraction']:.1f}% of training time, overlapped)"
+    )
     if args.startup_repeats:
-        print("whole process, median of {}: train.py --help {help:.2f} s, a bad flag {bad_flag:.2f} s, the default "
-              "run {default_run:.2f} s".format(args.startup_repeats, **startup))
+        print(
+            "whole process, median of {}: train.py --help {help:.2f} s, a bad flag {bad_flag:.2f} s, the default "
+            "run {default_run:.2f} s".format(args.startup_repeats, **startup)
+        )
     print(f"Wrote {out}")
 
 

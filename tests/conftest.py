@@ -27,27 +27,43 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_TASK = REPO / "tests" / "toy_task"
-TASK_HOME = ("data.py", "model.py", "task.py", "task_config.py")  # everything a fork changes to train something else
+TASK_HOME = (
+    "data.py",
+    "model.py",
+    "task.py",
+    "task_config.py",
+)  # everything a fork changes to train something else
 
 
-def run_script(script: str, *args: str, cwd: Path = REPO, timeout: float = 300,
-               env: dict | None = None) -> subprocess.CompletedProcess:
+def run_script(
+    script: str, *args: str, cwd: Path = REPO, timeout: float = 1800, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run train.py or test.py (of the repository, or of `cwd`, e.g. a fork) as a user would, offline."""
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, str(cwd / script), *args], capture_output=True, text=True, env=env,
-                          cwd=cwd, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(cwd / script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=timeout,
+    )
 
 
 def train_in_process(root: Path, *args: str) -> Path:
     """Run the repository's train.py main() in this process (saves the ~7 s import per run); returns RUN_DIR."""
-    import utils
-    from config import parse_train_config
+    from machinery.cli import parse_train_config
+    from machinery.launch import make_fabric
+    from machinery.loggers import RunLogger
     from train import main
 
     before = set(root.iterdir()) if root.exists() else set()
     cfg = parse_train_config(["--root_dir", str(root), *args])
     hw = cfg.hardware
-    utils.make_fabric(hw.accelerator, hw.devices, hw.num_nodes, hw.strategy, hw.precision).launch(main, cfg)
+    loggers = [RunLogger(cfg)]
+    make_fabric(
+        hw.accelerator, hw.devices, hw.num_nodes, hw.strategy, hw.precision, loggers
+    ).launch(main, cfg)
     (run_dir,) = set(root.iterdir()) - before
     return run_dir
 
@@ -73,8 +89,11 @@ def only_run_dir(root: Path) -> Path:
 
 def snapshot(root: Path) -> dict[str, str]:
     """Every file under root with its SHA-256, to prove that nothing changed."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -84,10 +103,13 @@ def model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 def weights_and_ema(checkpoint: Path | dict) -> dict[str, torch.Tensor]:
     """The model's weights and, where the run kept one, their EMA as ema/<name>, from a checkpoint file or a loaded
     one."""
-    from ema import averaged_weights
+    from machinery.ema import averaged_weights
 
     ckpt = torch.load(checkpoint, weights_only=True) if isinstance(checkpoint, Path) else checkpoint
-    return {**ckpt["model"], **{f"ema/{k}": v for k, v in (averaged_weights(ckpt) if "ema" in ckpt else {}).items()}}
+    return {
+        **ckpt["model"],
+        **{f"ema/{k}": v for k, v in (averaged_weights(ckpt) if "ema" in ckpt else {}).items()},
+    }
 
 
 def max_abs_diff(a: Path, b: Path) -> float:
@@ -112,15 +134,19 @@ class Fork:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._worker = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                           initializer=_enter_fork, initargs=(str(path),))
+        self._worker = ProcessPoolExecutor(
+            max_workers=1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_enter_fork,
+            initargs=(str(path),),
+        )
 
     def run(self, script: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
         return run_script(script, *args, cwd=self.path, **kwargs)
 
     def call(self, script: str, *args: str) -> subprocess.CompletedProcess:
         """Like `run`, in the worker: a CompletedProcess with the exit code and what was printed."""
-        code, out, err = self._worker.submit(_call_cli, script, list(args)).result(timeout=300)
+        code, out, err = self._worker.submit(_call_cli, script, list(args)).result(timeout=1800)
         return subprocess.CompletedProcess([script, *args], code, out, err)
 
     def train(self, root: Path, *args: str) -> Path:
@@ -144,7 +170,7 @@ def _enter_fork(path: str) -> None:
 def _call_cli(script: str, args: list[str]) -> tuple[int, str, str]:
     import importlib
 
-    from config import AUTO_RESUME_ENV
+    from machinery.cli import AUTO_RESUME_ENV
 
     os.environ.pop(AUTO_RESUME_ENV, None)  # decided once per command, as in a real process
     module = importlib.import_module(script.removesuffix(".py"))
@@ -156,16 +182,20 @@ def _call_cli(script: str, args: list[str]) -> tuple[int, str, str]:
         except SystemExit as exit:
             code = exit.code
         finally:  # as a process's exit would: the background checkpoint publishing finishes
-            importlib.import_module("checkpoints").wait_for_checkpoints()
+            importlib.import_module("machinery.checkpoints").wait_for_checkpoints()
     return code, out.getvalue(), err.getvalue()
 
 
 def make_fork(path: Path) -> Path:
-    """Copy the repository's modules (its top-level .py files) to `path`, then replace the task home with the toy
-    task's files."""
+    """Copy the repository's modules (its top-level .py files, machinery/ and tools/) to `path`, then
+    replace the task home with the toy task's files."""
     path.mkdir(parents=True)
     for module in REPO.glob("*.py"):
         shutil.copy(module, path / module.name)
+    for package in ("machinery", "tools"):
+        shutil.copytree(
+            REPO / package, path / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
     replaced = sorted(p.name for p in TOY_TASK.glob("*.py"))
     assert replaced == sorted(TASK_HOME), "the toy task replaces exactly the task home"
     for name in replaced:
@@ -181,7 +211,9 @@ def fork(tmp_path_factory: pytest.TempPathFactory) -> Fork:
 
 
 @pytest.fixture(scope="session")
-def default_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+def default_run(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, subprocess.CompletedProcess]:
     """The README's quick-start training command, run once for the session."""
     root = tmp_path_factory.mktemp("runs")
     result = run_script("train.py", "--root_dir", str(root))

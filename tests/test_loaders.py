@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from loaders import GlobalBatchSampler, make_eval_loader, make_train_loader
+from machinery.sampler import GlobalBatchSampler, make_eval_loader, make_train_loader
 
 
 def global_batches(num_samples, eff, world_size, max_per_device, epoch=0, seed=0, sample_offset=0):
@@ -19,11 +19,13 @@ def global_batches(num_samples, eff, world_size, max_per_device, epoch=0, seed=0
         micro = list(sampler)
         assert len(micro) == len(sampler)
         assert all(len(m) == per_device for m in micro)
-        per_rank.append([sum(micro[i:i + accum], []) for i in range(0, len(micro), accum)])
+        per_rank.append([sum(micro[i : i + accum], []) for i in range(0, len(micro), accum)])
     return [sorted(sum((steps[i] for steps in per_rank), [])) for i in range(len(per_rank[0]))]
 
 
-@pytest.mark.parametrize(("world_size", "max_per_device"), [(2, 256), (4, 256), (1, 16), (2, 8), (8, 4)])
+@pytest.mark.parametrize(
+    ("world_size", "max_per_device"), [(2, 256), (4, 256), (1, 16), (2, 8), (8, 4)]
+)
 def test_same_global_batches_at_every_world_size_and_accumulation(world_size, max_per_device):
     reference = global_batches(1000, 64, 1, 256)
     assert global_batches(1000, 64, world_size, max_per_device) == reference
@@ -67,7 +69,9 @@ def test_a_per_sample_dataset_is_collated_as_usual_in_worker_processes():
     sampler = GlobalBatchSampler(100, 20, 10, rank=0, world_size=1, seed=0)
     loader = make_train_loader(dataset, sampler, num_workers=2)
     batches = list(loader)
-    assert [x.tolist() for x, _ in batches] == list(sampler)  # collated per sample, in the sampler's order
+    assert [x.tolist() for x, _ in batches] == list(
+        sampler
+    )  # collated per sample, in the sampler's order
     assert all(torch.equal(y, x * 2) for x, y in batches)
 
 

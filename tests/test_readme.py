@@ -1,5 +1,7 @@
-"""The README cannot drift from the code: its commands run, and its flag tables are the config's docstrings."""
+"""The README and the docs pages cannot drift from the code: their commands run, and their flag
+tables are the config's docstrings."""
 
+import importlib
 import re
 import shlex
 from pathlib import Path
@@ -7,31 +9,45 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_cli, run_script
 
-from config import TestConfig, TrainConfig, _Parser, flag_reference
+from config import TestConfig, TrainConfig
+from machinery.cli import make_parser
 from tests.test_digits import write_tiny_mnist
+from tools.flags import flag_reference
 
 pytestmark = pytest.mark.slow
-README = (REPO / "README.md").read_text()
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]  # the order the commands run in
+CONFIGURATION = REPO / "docs" / "configuration.md"  # the page with the flag tables
+COMMAND = re.compile(r"python (train\.py|test\.py|tools/compare\.py)\b")
 RUN_DIR_PLACEHOLDER = re.compile(r"^(RUN_DIR|runs/\d{8}-\d{6}-run)$")
 CHECKPOINT_PLACEHOLDER = re.compile(r"^(RUN_DIR|runs/\d{8}-\d{6}-run)/checkpoints/step-\d+\.ckpt$")
 
 
-def readme_commands() -> list[str]:
-    """Every `python train.py|test.py|plots.py ...` line of the README's bash blocks, without `# not run here`."""
+def page_commands(page: Path) -> list[str]:
+    """Every `python train.py|test.py|tools/compare.py ...` line of a page's bash blocks, except
+    those marked `# not run here`."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+    for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.DOTALL):
         for line in block.replace("\\\n", " ").splitlines():
             if "# not run here" in line:
                 continue
-            line = line.split("&&")[-1].split("#")[0].strip()  # "pip install ... && python train.py  # comment"
+            line = line.split("&&")[-1].split("#")[0].strip()  # "... && python train.py  # comment"
             line = re.sub(r"^(\w+=\S+\s+)+", "", line)  # WANDB_MODE=offline python ...
-            if re.match(r"python (train|test|plots)\.py\b", line):
+            if COMMAND.match(line):
                 commands.append(line)
     return commands
 
 
-def test_every_readme_command_runs(tmp_path, capsys):
-    commands = readme_commands()
+def run_compare(*args: str) -> int:
+    """`python tools/compare.py ...` in this process; returns its exit code."""
+    try:
+        importlib.import_module("tools.compare").cli(list(args))
+    except SystemExit as exit:
+        return exit.code
+    return 0
+
+
+def test_every_command_of_the_readme_and_docs_runs(tmp_path, capsys):
+    commands = [command for page in PAGES for command in page_commands(page)]
     assert len(commands) >= 12, commands
     write_tiny_mnist(tmp_path / "data", "MNIST", num_train=300, num_test=50)
     write_tiny_mnist(tmp_path / "data", "FashionMNIST", num_train=300, num_test=50)
@@ -40,43 +56,56 @@ def test_every_readme_command_runs(tmp_path, capsys):
     for command in commands:
         script, *args = shlex.split(command)[1:]
         args = [str(run_dir) if RUN_DIR_PLACEHOLDER.match(a) else a for a in args]
-        args = [str(min((run_dir / "checkpoints").glob("step-*.ckpt"))) if CHECKPOINT_PLACEHOLDER.match(a) else a
-                for a in args]
+        args = [
+            str(min((run_dir / "checkpoints").glob("step-*.ckpt")))
+            if CHECKPOINT_PLACEHOLDER.match(a)
+            else a
+            for a in args
+        ]
         if script == "train.py":
             args += ["--root_dir", str(runs), "--fast_run"]  # later flags win
             if "--dataset" in args:
                 args += ["--data_dir", str(tmp_path / "data")]
-        if script == "plots.py":  # runs/*-seeds: the runs the README made so far; the figure goes to tmp_path
-            args = [str(p) for a in args for p in (sorted(runs.glob(a.removeprefix("runs/"))) if "*" in a else [a])]
+        if script == "tools/compare.py":  # runs/*-seeds: the runs made so far; figures: tmp_path
+            args = [
+                str(p)
+                for a in args
+                for p in (sorted(runs.glob(a.removeprefix("runs/"))) if "*" in a else [a])
+            ]
             args = [str(tmp_path / a) if a.endswith(".png") else a for a in args]
-            assert run_cli("plots", *args) == 0, command
+            one_run = len(args) == 1 and Path(args[0]).is_dir()  # its curves.png is redrawn
+            if one_run:
+                (Path(args[0]) / "curves.png").unlink(missing_ok=True)
+            assert run_compare(*args) == 0, (command, capsys.readouterr())
             assert all(Path(a).is_file() for a in args if a.endswith(".png")), command
+            assert not one_run or (Path(args[0]) / "curves.png").is_file(), command
             continue
-        # Several processes, or wandb's service process: as a real command. The rest in this process (faster).
+        # Several processes, or wandb's service process: a real command. The rest in this process.
         if "--devices" in args or "wandb" in args:
             result = run_script(script, *args)
             assert result.returncode == 0, (command, result.stderr[-2000:])
         else:
             assert run_cli(script[:-3], *args) == 0, (command, capsys.readouterr())
         if script == "train.py":
-            run_dir = max(runs.iterdir())  # the newest run: what the README's RUN_DIR stands for next
-    assert (run_dir / "test" / "metrics.json").is_file()
+            run_dir = max(runs.iterdir())  # the newest run: what the pages' RUN_DIR stands for next
+        if script == "test.py":
+            tested = Path(args[args.index("--out_dir") + 1])
+            assert (tested / "test" / "metrics.json").is_file(), command
 
 
-def test_readme_flag_tables_are_generated_from_the_config():
-    block = README.split("<!-- flags:begin")[1].split("-->", 1)[1].split("<!-- flags:end -->")[0].strip()
-    assert block == flag_reference(), "regenerate with: python config.py"
+def test_flag_tables_are_generated_from_the_config():
+    page = CONFIGURATION.read_text()
+    block = page.split("<!-- flags:begin")[1].split("-->", 1)[1].split("<!-- flags:end -->")[0]
+    assert block.strip() == flag_reference(), "regenerate with: python tools/flags.py"
 
 
 @pytest.mark.parametrize("config_class", [TrainConfig, TestConfig])
 def test_flag_tables_match_help(config_class):
-    parser = _Parser()
-    parser.add_arguments(config_class, dest="cfg")
-    parser.parse_known_args([])  # simple_parsing adds the arguments when it first parses
+    parser = make_parser(config_class)
+    parser.parse_known_args([])  # simple_parsing adds arguments on its first parse (a no-op after)
     help_text = " ".join(parser.format_help().split())
     table = flag_reference().split("**test.py**")[config_class is TestConfig]
-    rows = re.findall(r"^\| `(--\w+)` \| [^|]* \| (.*) \|$", table, re.M)
+    rows = re.findall(r"^\| `(--\w+)` \| [^|]* \| (.*) \|$", table, re.MULTILINE)
     assert len(rows) >= (30 if config_class is TrainConfig else 5)
     for flag, doc in rows:
-        if flag not in ("--config_path", "--debug"):
-            assert flag in help_text and doc in help_text, flag
+        assert flag in help_text and doc in help_text, flag

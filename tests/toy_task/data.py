@@ -11,7 +11,6 @@ from torch.utils.data import Dataset, Subset
 
 from task_config import DataConfig
 
-
 VAL_FRACTION = 0.1
 
 
@@ -44,7 +43,12 @@ def waves(cfg: DataConfig) -> tuple[Dataset, Dataset, DataInfo]:
     """y = sin(x . w) + noise for 8 random features: fixed data, the same for every seed."""
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(cfg.num_samples, 8, generator=generator)
-    target = torch.sin(features @ torch.linspace(-1, 1, 8)) + 0.05 * torch.randn(cfg.num_samples, generator=generator)
+    target = torch.sin(features @ torch.linspace(-1, 1, 8)) + 0.05 * torch.randn(
+        cfg.num_samples, generator=generator
+    )
     num_test = cfg.num_samples // 5
-    return (DictDataset(features[num_test:], target[num_test:]), DictDataset(features[:num_test], target[:num_test]),
-            DataInfo(num_features=8))
+    return (
+        DictDataset(features[num_test:], target[num_test:]),
+        DictDataset(features[:num_test], target[:num_test]),
+        DataInfo(num_features=8),
+    )

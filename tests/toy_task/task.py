@@ -15,7 +15,9 @@ from data import DataInfo
 MONITOR = "val/mae"  # MeanAbsoluteError.higher_is_better is False: the lowest is best
 
 
-def forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def forward(
+    model: nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     preds = model(batch["features"]).squeeze(-1)
     target = batch["target"].to(preds.dtype)
     return F.mse_loss(preds, target), preds, target
@@ -25,7 +27,14 @@ def metrics(info: DataInfo, report: bool = False) -> MetricCollection:
     return MetricCollection({"mse": MeanSquaredError(), "mae": MeanAbsoluteError()})
 
 
-def report(fabric: Fabric, model: nn.Module, loader: Any, dataset: Any, info: DataInfo, results: dict[str, Any],
-           out_dir: Path) -> dict[str, Any]:
+def report(
+    fabric: Fabric,
+    model: nn.Module,
+    loader: Any,
+    dataset: Any,
+    info: DataInfo,
+    results: dict[str, Any],
+    out_dir: Path,
+) -> dict[str, Any]:
     """No extras beyond the metrics."""
     return {}
