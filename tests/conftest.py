@@ -203,6 +203,23 @@ def make_fork(path: Path) -> Path:
     return path
 
 
+def readme_diff(name: str) -> str:
+    """The diff the README's "Make it yours" shows under `<!-- diff: NAME -->`."""
+    block = (REPO / "README.md").read_text().split(f"<!-- diff: {name} -->\n```diff\n", 1)[1]
+    return block.split("\n```", 1)[0] + "\n"
+
+
+def apply_readme_diff(name: str, fork_dir: Path, *options: str) -> subprocess.CompletedProcess:
+    """`patch -p1` with that diff in `fork_dir`, as a user would apply it."""
+    return subprocess.run(
+        ["patch", "-p1", "--forward", "--no-backup-if-mismatch", *options],
+        input=readme_diff(name),
+        cwd=fork_dir,
+        capture_output=True,
+        text=True,
+    )
+
+
 @pytest.fixture(scope="session")
 def fork(tmp_path_factory: pytest.TempPathFactory) -> Fork:
     fork = Fork(make_fork(tmp_path_factory.mktemp("toy") / "fork"))
