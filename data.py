@@ -1,13 +1,9 @@
-"""The task's data: datasets and their splits. A fork edits this file, with task_config.py.
+"""The task's datasets and their splits.
 
-Add a dataset: write a function `NAME(cfg) -> (fit, test, info)` here and name it in DATASETS in
-task_config.py, with its one-line help; `--dataset NAME` runs it. `fit` (any map-style dataset) is
-split into train and val by the seed; `test` is never trained on. Items may be anything the task's
-`forward` unpacks (tuples, dicts, dataclasses); Fabric moves nested tensors to the device.
+Guarantees: `--dataset NAME` runs `NAME(cfg) -> (fit, test, info)` below. load_splits splits `fit`
+(any map-style dataset) into train and val by the seed; `test` is fixed and never trained on."""
 
-What the machinery uses from here: load_splits (its flags, DataConfig, are in task_config.py)."""
-
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,33 +14,24 @@ from torch.utils.data import Dataset, Subset
 from machinery.errors import UsageError
 from task_config import DataConfig
 
-VAL_FRACTION = 0.1  # of the training data, held out for model selection
-DIGITS_TEST_FRACTION = (
-    0.2  # digits has no official test split: a fixed 20% is held out, the same for every seed
-)
+VAL_FRACTION = 0.1  # of `fit`, held out for model selection
+CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))  # channel mean, std in [0, 1]
 
 
 @dataclass(frozen=True)
 class DataInfo:
-    """What the model and the task need to know about the data."""
-
     num_classes: int
     in_channels: int
     class_names: tuple[str, ...]
-    augment: nn.Module | None = (
-        None  # the models apply it to their input: training batches only, on the device
-    )
+    augment: nn.Module | None = None  # the model applies it to training batches, on the device
+
+
+Splits = tuple[Dataset, Dataset, DataInfo]  # (fit, test, info)
 
 
 class CropFlip(nn.Module):
-    """CIFAR's usual augmentation on a whole batch, on its device: each image is cropped back to its
-    size from a copy padded by `pad` reflected pixels on every side, at a random offset, and flipped
-    left-right with probability 1/2. In training mode only: evaluation sees the images as they are.
-    (torchvision's RandomCrop(padding=4) pads with black; reflection, as airbench does, leaves no
-    black borders to learn.)
-
-    It draws from the device's global RNG, which is seeded per rank and saved in every checkpoint: a
-    run is the same under its seed, and a resumed run draws what the uninterrupted one did."""
+    """In training mode: a random crop of the image padded by `pad` reflected pixels, flipped
+    left-right with probability 1/2 (CIFAR's augmentation)."""
 
     def __init__(self, pad: int = 4) -> None:
         super().__init__()
@@ -55,180 +42,104 @@ class CropFlip(nn.Module):
             return images
         (n, c, h, w), device = images.shape, images.device
         padded = F.pad(images, (self.pad,) * 4, mode="reflect")
-        dy, dx = torch.randint(0, 2 * self.pad + 1, (2, n, 1), device=device)
-        flip = torch.rand(n, 1, device=device) < 0.5
-        rows = dy + torch.arange(
-            h, device=device
-        )  # (n, h): the rows of the padded image each image keeps
-        cols = dx + torch.where(
-            flip, torch.arange(w - 1, -1, -1, device=device), torch.arange(w, device=device)
-        )
-        pixels = (
-            rows[:, :, None] * padded.shape[-1] + cols[:, None, :]
-        )  # (n, h, w): where each pixel comes from
-        return (
-            padded.flatten(2)
-            .gather(2, pixels.view(n, 1, h * w).expand(n, c, h * w))
-            .view(n, c, h, w)
-        )
+        dy, dx = torch.randint(0, 2 * self.pad + 1, (2, n, 1, 1), device=device)
+        flip = torch.rand(n, 1, 1, device=device) < 0.5
+        i, j = torch.arange(h, device=device), torch.arange(w, device=device)
+        rows, cols = dy + i[:, None], dx + torch.where(flip, j.flip(0), j)  # (n, h, 1), (n, 1, w)
+        pixels = (rows * padded.shape[-1] + cols).view(n, 1, h * w).expand(n, c, h * w)
+        return padded.flatten(2).gather(2, pixels).view(n, c, h, w)
 
 
 class ImageTensorDataset(Dataset):
-    """Images held in memory as one uint8 tensor (N, C, H, W), normalised as they are read.
+    """uint8 images (N, C, H, W) in memory, normalised as read; one indexing serves a batch."""
 
-    `__getitems__` serves a whole batch with one indexing operation; `collate_fn` tells the loaders
-    to pass it through instead of collating N single samples."""
-
-    def __init__(
-        self, images: torch.Tensor, labels: torch.Tensor, mean: tuple, std: tuple, scale: float
-    ) -> None:
-        self.images, self.labels, self.scale, self.stats = images, labels, scale, (mean, std)
-        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
-        self.std = torch.tensor(std).view(1, -1, 1, 1)
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, *stats) -> None:
+        self.images, self.labels, self.stats = images, labels, stats  # mean, std, scale
+        self.mean, self.std = (torch.tensor(s).view(-1, 1, 1) for s in stats[:2])
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.__getitems__([index])
-        return x[0], y[0]
-
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        index = torch.as_tensor(indices)
-        x = (self.images[index].float() / self.scale - self.mean) / self.std
+    def __getitem__(self, index: int | list[int]) -> tuple:
+        index = torch.as_tensor(index)
+        x = (self.images[index].float() / self.stats[2] - self.mean) / self.std
         return x, self.labels[index]
 
+    __getitems__ = __getitem__  # how the DataLoader fetches a batch
+
     @staticmethod
-    def collate_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def collate_fn(batch: tuple) -> tuple:
         return batch
 
-    def subset(self, indices: torch.Tensor) -> "ImageTensorDataset":
-        return ImageTensorDataset(
-            self.images[indices], self.labels[indices], *self.stats, self.scale
-        )
+    def subset(self, indices: torch.Tensor | slice) -> "ImageTensorDataset":
+        return ImageTensorDataset(self.images[indices], self.labels[indices], *self.stats)
 
 
 def load_splits(cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset, Dataset, DataInfo]:
-    """(train, val, test, info) of --dataset. The test split is fixed per dataset and never seen in
-    training; val is a seeded random VAL_FRACTION of the rest."""
-    load = globals().get(cfg.dataset)  # --dataset NAME is the function NAME below
-    if not callable(load):
-        raise UsageError(
-            f"--dataset {cfg.dataset!r} is in task_config.DATASETS, but data.py has no such "
-            "function"
-        )
-    fit, test, info = load(cfg)
+    """(train, val, test, info); val is a seeded random VAL_FRACTION of `fit`."""
+    fit, test, info = globals()[cfg.dataset](cfg)
     order = torch.randperm(len(fit), generator=torch.Generator().manual_seed(seed))
-    num_val = int(len(fit) * VAL_FRACTION)
-    return _subset(fit, order[num_val:]), _subset(fit, order[:num_val]), test, info
+    val, train = order.tensor_split([int(len(fit) * VAL_FRACTION)])
+    if isinstance(fit, ImageTensorDataset):  # stays one batch-serving tensor
+        return fit.subset(train), fit.subset(val), test, info
+    return Subset(fit, train.tolist()), Subset(fit, val.tolist()), test, info
 
 
-def _subset(dataset: Dataset, indices: torch.Tensor) -> Dataset:
-    """In-memory images stay one batch-serving tensor; any other dataset is wrapped in a Subset."""
-    if isinstance(dataset, ImageTensorDataset):
-        return dataset.subset(indices)
-    return Subset(dataset, indices.tolist())
-
-
-def digits(cfg: DataConfig) -> tuple[ImageTensorDataset, ImageTensorDataset, DataInfo]:
-    """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes): bundled, works offline."""
+def digits(cfg: DataConfig) -> Splits:
     from sklearn.datasets import load_digits
 
     data = load_digits()
-    images = (
-        torch.from_numpy(data.images).to(torch.uint8).unsqueeze(1)
-    )  # (1797, 1, 8, 8), values 0..16
+    images = torch.from_numpy(data.images).to(torch.uint8).unsqueeze(1)  # values 0..16
     labels = torch.from_numpy(data.target).long()
-    order = torch.randperm(
-        len(labels), generator=torch.Generator().manual_seed(0)
-    )  # fixed, not the run seed
-    test_idx, fit_idx = (
-        order[: int(len(labels) * DIGITS_TEST_FRACTION)],
-        order[int(len(labels) * DIGITS_TEST_FRACTION) :],
-    )
-    stats = ((0.3053,), (0.3760,))  # per-channel mean and std of the images in [0, 1]
-    return (
-        ImageTensorDataset(images[fit_idx], labels[fit_idx], *stats, scale=16.0),
-        ImageTensorDataset(images[test_idx], labels[test_idx], *stats, scale=16.0),
-        DataInfo(10, 1, tuple(str(i) for i in range(10))),
-    )
+    # No official test split: a fixed 20%, whatever the seed.
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    test, fit = order.tensor_split([len(labels) // 5])
+    full = ImageTensorDataset(images, labels, (0.3053,), (0.3760,), 16.0)  # mean, std in [0, 1]
+    return full.subset(fit), full.subset(test), DataInfo(10, 1, tuple("0123456789"))
 
 
-def mnist(cfg: DataConfig) -> tuple[ImageTensorDataset, ImageTensorDataset, DataInfo]:
-    """MNIST handwritten digits (28x28, 60k + 10k) through torchvision, into --data_dir."""
-    import torchvision
-
-    return _torchvision(cfg, torchvision.datasets.MNIST, ((0.1307,), (0.3081,)))
+def mnist(cfg: DataConfig) -> Splits:
+    return _torchvision(cfg, "MNIST", ((0.1307,), (0.3081,)))
 
 
-def fashion_mnist(cfg: DataConfig) -> tuple[ImageTensorDataset, ImageTensorDataset, DataInfo]:
-    """Fashion-MNIST clothing images (28x28, 60k + 10k) through torchvision, into --data_dir."""
-    import torchvision
-
-    return _torchvision(cfg, torchvision.datasets.FashionMNIST, ((0.2860,), (0.3530,)))
+def fashion_mnist(cfg: DataConfig) -> Splits:
+    return _torchvision(cfg, "FashionMNIST", ((0.2860,), (0.3530,)))
 
 
-CIFAR10_STATS = (
-    (0.4914, 0.4822, 0.4465),
-    (0.2470, 0.2435, 0.2616),
-)  # per-channel mean and std in [0, 1]
+def cifar10(cfg: DataConfig) -> Splits:
+    return _torchvision(cfg, "CIFAR10", CIFAR10_STATS, CropFlip() if cfg.augment else None)
 
 
-def cifar10(cfg: DataConfig) -> tuple[ImageTensorDataset, ImageTensorDataset, DataInfo]:
-    """CIFAR-10 colour images (32x32, 50k + 10k) through torchvision, into --data_dir; crop and flip
-    (--augment)."""
-    import torchvision
-
-    fit, test, info = _torchvision(cfg, torchvision.datasets.CIFAR10, CIFAR10_STATS)
-    return fit, test, replace(info, augment=CropFlip(pad=4) if cfg.augment else None)
-
-
-def synthetic_cifar10(cfg: DataConfig) -> tuple[ImageTensorDataset, ImageTensorDataset, DataInfo]:
-    """Uniformly random CIFAR-10-shaped uint8 images and labels, the same for every seed: measures
-    speed offline (nothing to learn), with CIFAR-10's normalisation and augmentation."""
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(
-        0, 256, (cfg.synthetic_size * 6 // 5, 3, 32, 32), dtype=torch.uint8, generator=generator
-    )
+def synthetic_cifar10(cfg: DataConfig) -> Splits:
+    """Random images and labels, the same for every seed: for timing offline."""
+    n, generator = cfg.synthetic_size, torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n * 6 // 5, 3, 32, 32), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (len(images),), generator=generator)
-    fit, test = images[: cfg.synthetic_size], images[cfg.synthetic_size :]
-    return (
-        ImageTensorDataset(fit, labels[: cfg.synthetic_size], *CIFAR10_STATS, 255.0),
-        ImageTensorDataset(test, labels[cfg.synthetic_size :], *CIFAR10_STATS, 255.0),
-        DataInfo(
-            10, 3, tuple(f"class {i}" for i in range(10)), CropFlip(pad=4) if cfg.augment else None
-        ),
-    )
+    full = ImageTensorDataset(images, labels, *CIFAR10_STATS, 255.0)
+    augment = CropFlip() if cfg.augment else None
+    info = DataInfo(10, 3, tuple(f"class {i}" for i in range(10)), augment)
+    return full.subset(slice(n)), full.subset(slice(n, None)), info
 
 
 def _torchvision(
-    cfg: DataConfig, dataset_class: type, stats: tuple
-) -> tuple[ImageTensorDataset, ...]:
-    """A torchvision dataset read once into uint8 tensors (N, C, H, W); its official test set is the
-    test split."""
-    splits = []
+    cfg: DataConfig, name: str, stats: tuple, augment: nn.Module | None = None
+) -> Splits:
+    """Read once into uint8 tensors; the official test set is ours."""
+    import torchvision
+
+    dataset_class, splits = getattr(torchvision.datasets, name), []
     for train in (True, False):
         try:
             ds = dataset_class(cfg.data_dir, train=train, download=True)
         except (RuntimeError, OSError):  # offline, or a partial download
-            folder = getattr(dataset_class, "base_folder", f"{dataset_class.__name__}/raw")
+            folder = Path(cfg.data_dir) / getattr(dataset_class, "base_folder", f"{name}/raw")
             raise UsageError(
-                f"--dataset {cfg.dataset}: the files are not in {Path(cfg.data_dir) / folder} and "
-                "could not be "
-                f"downloaded (no internet?). Copy the {dataset_class.__name__} files there, or use "
-                "--dataset digits"
+                f"--dataset {cfg.dataset}: the files are not in {folder} and could not be "
+                "downloaded; copy them there, or use --dataset digits"
             ) from None
-        images = torch.as_tensor(ds.data)
-        images = (
-            images.permute(0, 3, 1, 2) if images.ndim == 4 else images.unsqueeze(1)
-        )  # CIFAR: NHWC; MNIST: NHW
-        splits.append(
-            ImageTensorDataset(
-                images.contiguous(), torch.as_tensor(ds.targets).long(), *stats, 255.0
-            )
-        )
-    return (
-        splits[0],
-        splits[1],
-        DataInfo(len(ds.classes), splits[0].images.shape[1], tuple(ds.classes)),
-    )
+        images = torch.as_tensor(ds.data)  # CIFAR: NHWC; MNIST: NHW
+        images = images.permute(0, 3, 1, 2) if images.ndim == 4 else images.unsqueeze(1)
+        labels = torch.as_tensor(ds.targets).long()
+        splits.append(ImageTensorDataset(images.contiguous(), labels, *stats, 255.0))
+    info = DataInfo(len(ds.classes), images.shape[1], tuple(ds.classes), augment)
+    return *splits, info

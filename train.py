@@ -1,9 +1,7 @@
 """Train a model with Lightning Fabric. `python train.py --help` lists every flag.
 
-main() is the recipe, top to bottom: data, model and optimizer, resume, then the loop. The training
-step is plain code in the loop; the bookkeeping around it (logs, checkpoints, stop signals,
-best.ckpt) is one call each to `run` (machinery/run.py). The loop never looks inside a batch:
-task.forward makes the loss."""
+main() is the recipe, top to bottom. The training step is plain code in the loop; the bookkeeping
+around it is one call each to `run` (machinery/run.py). task.forward makes the loss."""
 
 import contextlib
 from collections.abc import Iterable
@@ -125,9 +123,8 @@ def evaluate(
     metrics: MetricCollection,
     max_batches: int | None = None,
 ) -> dict[str, Any]:
-    """The mean loss and the task's metrics over every sample of `loader`, exact over all ranks
-    (scalars as floats, others as lists), and `num_samples`: each batch counts the first dimension
-    of its target (of the target's first tensor, for a dict or a list)."""
+    """The mean loss and the task's metrics over every sample of `loader`, exact over all ranks, and
+    `num_samples` (the first dimension of the target, or of its first tensor)."""
     model.eval()
     loss, num_samples = MeanMetric().to(fabric.device), SumMetric().to(fabric.device)
     metrics.reset()

@@ -1,9 +1,7 @@
-"""An exponential moving average (EMA) of the model's weights, as timm's --model-ema keeps one.
+"""An exponential moving average (EMA) of the model's weights (not buffers), as timm's keeps one.
 
-Guarantees: it is an Optimizer in form only: its per-parameter state holds the averages. That way
-every strategy saves, loads and shards it exactly as it does the optimizer's moments: one file, or
-one shard per rank under FSDP, and a resume restores it bitwise. Buffers (BatchNorm's running
-statistics) are not averaged: evaluation with the averaged weights uses the model's own."""
+Guarantees: an Optimizer in form, so every strategy saves, loads and shards the averages like the
+optimizer's moments, and a resume restores them bitwise."""
 
 import contextlib
 from collections.abc import Iterator
@@ -13,38 +11,28 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 
 class EMA(torch.optim.Optimizer):
-    """average = decay x average + (1 - decay) x weights, after each optimizer step. The decay warms
-    up as min(decay, (1 + step) / (10 + step)): early weights, which are soon left behind, do not
-    dominate the average."""
+    """The decay warms up as min(decay, (1 + step) / (10 + step)): early weights do not dominate."""
 
     def __init__(self, model: torch.nn.Module, decay: float) -> None:
-        # The names go into the state dict (--init_from reads them), spelled as in the model's state
-        # dict.
-        module = getattr(model, "module", model)  # the user's module inside Fabric's wrapper
-        named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+        self.module = getattr(model, "module", model)  # the user's module inside Fabric's wrapper
+        # Named as in the model's state dict, for --init_from.
+        named = [(name, p) for name, p in self.module.named_parameters() if p.requires_grad]
         super().__init__(named, {})
-        self.decay, self.module = decay, module
-        self.params = [p for _, p in named]
+        self.decay, self.params = decay, [p for _, p in named]
         for p in self.params:
             self.state[p]["average"] = p.detach().clone()
 
     def averages(self) -> list[torch.Tensor]:
-        return [
-            self.state[p]["average"] for p in self.params
-        ]  # looked up each time: a load replaces them
+        return [self.state[p]["average"] for p in self.params]  # a load replaces them
 
     @torch.no_grad()
     def update(self, step: int) -> None:
-        """After optimizer step `step` (counted from 0): one fused lerp over all parameters, no CPU
-        sync."""
+        """After optimizer step `step` (from 0): one fused lerp, no CPU sync."""
         decay = min(self.decay, (1 + step) / (10 + step))
-        ema_update = get_ema_multi_avg_fn(decay)  # one fused lerp (torch's foreach kernel)
-        ema_update(self.averages(), [p.detach() for p in self.params], None)
+        get_ema_multi_avg_fn(decay)(self.averages(), [p.detach() for p in self.params], None)
 
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:
-        """The model holds the averaged weights inside the block, its own weights again after it
-        (bitwise)."""
         self.swap()
         try:
             yield
@@ -53,34 +41,20 @@ class EMA(torch.optim.Optimizer):
 
     @torch.no_grad()
     def swap(self) -> None:
-        """Exchange the model's weights and the averages (a second swap undoes it, bitwise)."""
+        """Exchange the model's weights and the averages; a second swap undoes it, bitwise."""
         from torch.distributed.fsdp import FSDPModule
 
-        for module in (
-            self.module.modules()
-        ):  # FSDP2 keeps the root's gathered weights after a forward: drop them
+        for module in self.module.modules():  # FSDP2 keeps the root's gathered weights: drop them
             if isinstance(module, FSDPModule):
                 module.reshard()
         for p, average in zip(self.params, self.averages()):
-            weights = (
-                p.detach().clone()
-            )  # in place, one tensor at a time: FSDP keeps views of its parameters
+            weights = p.detach().clone()  # one at a time, in place: FSDP keeps views of them
             p.detach().copy_(average)
             average.copy_(weights)
 
-    def step(self, closure: None = None) -> None:
-        raise RuntimeError("EMA is updated with ema.update(step), after the optimizer's step")
-
 
 def averaged_weights(checkpoint: dict) -> dict[str, torch.Tensor]:
-    """{parameter name: averaged weights} from the "ema" entry of a loaded checkpoint (a file's,
-    where the state is keyed by position and the names are in param_groups, or a sharded one's,
-    keyed by name)."""
-    saved = checkpoint["ema"]
-    names = [
-        name
-        for group in saved["param_groups"]
-        for name in group.get("param_names", group["params"])
-    ]
-    positions = [position for group in saved["param_groups"] for position in group["params"]]
-    return {name: saved["state"][position]["average"] for name, position in zip(names, positions)}
+    """{name: average}; a file's "ema" is keyed by position, a sharded one's by name."""
+    (group,), state = checkpoint["ema"]["param_groups"], checkpoint["ema"]["state"]
+    names = group.get("param_names", group["params"])
+    return {name: state[key]["average"] for name, key in zip(names, group["params"])}

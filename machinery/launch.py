@@ -1,10 +1,7 @@
-"""Launching: Fabric from the config, the strategies, the processes, and how the run's process ends.
+"""Fabric from the config, and how each process ends.
 
-Guarantees: the template is a script, launched from a shell: one process, or Fabric's launcher (ddp,
-fsdp), torchrun, `fabric run` or SLURM starting one per device; a usage error is reported once, in
-one line; --strategy fsdp is FSDP2 (torch's fully_shard, CPUs too); every process leaves its process
-group before it exits, and the loggers are flushed however the run ends.
-"""
+Guarantees: processes from Fabric, torchrun, `fabric run` or SLURM; --strategy fsdp is FSDP2 (CPUs
+too); however the run ends, each process leaves its process group and the loggers are flushed."""
 
 import gc
 import os
@@ -18,32 +15,26 @@ from lightning.fabric import Fabric
 from lightning.fabric.plugins import DoublePrecision
 from lightning.fabric.strategies import ModelParallelStrategy
 
-from machinery.checkpoints import DirectCheckpointIO
+from machinery.debug import set_debug_modes
 from machinery.errors import LAUNCHER_ENV, UsageError, started_by_launcher
+from machinery.loggers import RunLogger
 from machinery.signals import Preempted
 
 
 def run(main: Callable, cfg: Any, hw: Any) -> None:
-    """main(fabric, cfg) on every process. A training config gets its loggers (opened by
-    machinery/run)."""
-    from machinery.debug import set_debug_modes
-    from machinery.loggers import RunLogger
-
+    """main(fabric, cfg) on every process; a training config gets its loggers."""
     loggers = [RunLogger(cfg)] if hasattr(cfg, "logger_name") else []
-    fabric = make_fabric(
-        hw.accelerator, hw.devices, hw.num_nodes, hw.strategy, hw.precision, loggers
-    )
+    args = hw.accelerator, hw.devices, hw.num_nodes, hw.strategy, hw.precision
+    fabric = make_fabric(*args, loggers)
     if hasattr(cfg, "optim"):
-        cfg.optim.micro_batching(
-            fabric.world_size
-        )  # a batch size that does not divide: before launch
+        cfg.optim.micro_batching(fabric.world_size)  # a batch size that does not divide: now
         set_debug_modes(cfg.debug)
     status = "failed"
     try:
-        if os.environ.get(
-            "LT_CLI_USED"
-        ):  # `fabric run` (Lightning's CLI) has started the processes
-            share_cpu_threads()
+        if os.environ.get("LT_CLI_USED"):  # `fabric run` gives each process all the cores
+            if os.environ.get("OMP_NUM_THREADS") == str(os.cpu_count()):  # share them, as Fabric
+                per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+                torch.set_num_threads(max(1, os.cpu_count() // per_node))
             call_then_leave_process_group(main, cfg, fabric)
         else:
             os.environ[LAUNCHER_ENV] = str(os.getpid())  # the processes Fabric starts inherit it
@@ -53,7 +44,7 @@ def run(main: Callable, cfg: Any, hw: Any) -> None:
         sys.exit(0 if started_by_launcher() else stopped.exit_code)
     finally:
         os.environ.pop(LAUNCHER_ENV, None)
-        for logger in fabric.loggers:  # flush what is buffered, whatever happened
+        for logger in fabric.loggers:
             logger.finalize(status)
 
 
@@ -65,54 +56,35 @@ def make_fabric(
     precision: str = "32-true",
     loggers: list | None = None,
 ) -> Fabric:
-    """--strategy fsdp: FSDP2 through Fabric's ModelParallelStrategy (every process one
-    data-parallel shard); fsdp1: Fabric's FSDPStrategy (GPUs). Other names go to Fabric as they are.
-    """
-    devices_arg = (
-        int(devices) if devices.lstrip("-").isdigit() else devices
-    )  # "2" -> 2; "0,1" as is
-    options = dict(
-        accelerator=accelerator, devices=devices_arg, num_nodes=num_nodes, loggers=loggers
-    )
-    named: str | None = precision
-    # Our writer straight into checkpoints/ (Fabric's goes through $TMPDIR); FSDP2 writes its own
-    # shards.
-    plugins: list = [DirectCheckpointIO()]
-    chosen: Any = {"fsdp1": "fsdp"}.get(strategy, strategy)
+    options = dict(accelerator=accelerator, devices=devices, num_nodes=num_nodes, loggers=loggers)
+    # Our writer goes straight into checkpoints/ (Fabric's through $TMPDIR).
+    plugins, named, chosen = [], precision, strategy
     try:
-        if strategy == "fsdp":
-            import model as task_models
+        if strategy == "fsdp":  # FSDP2: Fabric's ModelParallelStrategy, data parallel only
+            from torch.distributed.fsdp import MixedPrecisionPolicy as Policy
 
+            import model
+
+            mixed = precision == "bf16-mixed"  # bf16 all-gathers, float32 reductions
+            policy = Policy(torch.bfloat16, torch.float32) if mixed else Policy()
+            default = partial(shard_layers, mp_policy=policy)
             world_size = Fabric(**options, strategy="ddp").world_size
-            shard = getattr(task_models, "parallelize", None)
-            if shard is None and precision == "bf16-mixed":  # bf16 all-gathers, float32 reductions
-                from torch.distributed.fsdp import MixedPrecisionPolicy
-
-                policy = MixedPrecisionPolicy(
-                    param_dtype=torch.bfloat16, reduce_dtype=torch.float32
-                )
-                shard = partial(shard_layers, mp_policy=policy)
-            chosen = ModelParallelStrategy(
-                shard or shard_layers, data_parallel_size=world_size, tensor_parallel_size=1
-            )
-            plugins = []
-            if precision == "64-true":  # Fabric refuses the name for FSDP2, not the plugin
-                plugins, named = [DoublePrecision()], None
+            sizes = {"data_parallel_size": world_size, "tensor_parallel_size": 1}
+            chosen = ModelParallelStrategy(getattr(model, "parallelize", default), **sizes)
+            double = precision == "64-true"  # Fabric refuses the name for FSDP2, not the plugin
+            plugins, named = ([DoublePrecision()], None) if double else ([], named)
         return Fabric(**options, strategy=chosen, precision=named, plugins=plugins)
-    except (ValueError, RuntimeError, TypeError, ImportError) as err:  # --accelerator cuda, no GPU
+    except (ValueError, RuntimeError, TypeError, ImportError) as err:  # e.g. cuda without a GPU
         flags = f"--accelerator {accelerator} --devices {devices} --num_nodes {num_nodes}"
-        reason = " ".join(str(err).split())
-        raise UsageError(
-            f"cannot start Fabric with {flags} --strategy {strategy}: {reason}"
-        ) from None
+        reason = f"{flags} --strategy {strategy}: {' '.join(str(err).split())}"
+        raise UsageError(f"cannot start Fabric with {reason}") from None
 
 
-def shard_layers(model: torch.nn.Module, mesh: Any, mp_policy: Any = None) -> torch.nn.Module:
-    """FSDP2's default for a model whose model.py defines no `parallelize(model, mesh)`: each module
-    with parameters of its own is a unit (gathered only while it computes), then the root."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+def shard_layers(model: torch.nn.Module, mesh: Any, mp_policy: Any) -> torch.nn.Module:
+    """FSDP2 without model.parallelize: each module with parameters of its own, then the root."""
+    from torch.distributed.fsdp import fully_shard
 
-    options = {"mesh": mesh["data_parallel"], "mp_policy": mp_policy or MixedPrecisionPolicy()}
+    options = {"mesh": mesh["data_parallel"], "mp_policy": mp_policy}
     for module in model.modules():
         if module is not model and any(True for _ in module.parameters(recurse=False)):
             fully_shard(module, **options)
@@ -120,8 +92,6 @@ def shard_layers(model: torch.nn.Module, mesh: Any, mp_policy: Any = None) -> to
 
 
 def setup_model(fabric: Fabric, model: torch.nn.Module, hw: Any) -> Any:
-    """--activation_checkpointing, --channels_last, TF32 on GPUs, --compile, then
-    fabric.setup_module."""
     if hw.activation_checkpointing:
         checkpoint_activations(model)
     if hw.channels_last:
@@ -132,9 +102,7 @@ def setup_model(fabric: Fabric, model: torch.nn.Module, hw: Any) -> Any:
 
 
 def checkpoint_activations(model: torch.nn.Module) -> None:
-    """Each block (a child of the model with parameters) recomputes its activations in the backward
-    pass, with torch's non-reentrant checkpoint, which replays the RNG: the same gradients as
-    without, and the same state dict keys (the block's forward is wrapped, not the block)."""
+    """Each child with parameters recomputes its activations (and RNG) in the backward pass."""
     from torch.utils.checkpoint import checkpoint
 
     for block in model.children():
@@ -142,22 +110,10 @@ def checkpoint_activations(model: torch.nn.Module) -> None:
             block.forward = partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def share_cpu_threads() -> None:
-    """`fabric run` gives every process all the cores (OMP_NUM_THREADS); share them, as Fabric's own
-    launchers do (a value of your own is kept)."""
-    if os.environ.get("OMP_NUM_THREADS") == str(os.cpu_count()):
-        processes = int(
-            os.environ.get("LOCAL_WORLD_SIZE", 1)
-        )  # set by `fabric run`, as by torchrun
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
-
-
 def call_then_leave_process_group(function: Callable, cfg: Any, fabric: Fabric) -> Any:
     try:
         return function(fabric, cfg)
     finally:
-        if torch.distributed.is_initialized():  # a process that exits with the group up may abort
+        if torch.distributed.is_initialized():  # exiting with the group up may abort
             torch.distributed.destroy_process_group()
-            # A group a reference cycle still holds keeps gloo's threads running until the final
-            # collection, which may then abort the exiting interpreter (SIGABRT): collect it now.
-            gc.collect()
+            gc.collect()  # a group in a reference cycle keeps gloo's threads, which may abort

@@ -1,8 +1,7 @@
 """Training progress on global rank 0: tqdm's bar in a terminal, plain lines in a file.
 
-Guarantees: other ranks print nothing; in a terminal, a bar with tqdm's ETA, loss, lr and samples/s;
-when the output goes to a file (CI, SLURM logs), one plain line per log step, with tqdm's ETA too.
-"""
+Guarantees: other ranks print nothing; a file (CI, SLURM logs) gets one line per log step with
+tqdm's ETA, and no redrawn bar."""
 
 import os
 import sys
@@ -14,45 +13,35 @@ from tqdm import tqdm
 
 class Progress:
     def __init__(self, fabric: Fabric, total_steps: int, done_steps: int) -> None:
-        self.shown, self.tty = fabric.is_global_zero, sys.stderr.isatty()
-        self.devnull = None if self.tty else open(os.devnull, "w")  # noqa: SIM115 - closed in __exit__
-        self.bar = tqdm(
-            total=total_steps,
-            initial=done_steps,
-            desc="train",
-            unit="step",
-            dynamic_ncols=True,
-            disable=not self.shown,
-            file=sys.stderr if self.tty else self.devnull,
-        )
+        self.shown = fabric.is_global_zero
+        self.tty = self.shown and sys.stderr.isatty()
+        # In a file, the bar draws to /dev/null: it still keeps the ETA.
+        self.file = sys.stderr if self.tty else open(os.devnull, "w")  # noqa: SIM115
+        options = dict(desc="train", unit="step", dynamic_ncols=True, file=self.file)
+        self.bar = tqdm(total=total_steps, initial=done_steps, disable=not self.shown, **options)
 
     def __enter__(self) -> "Progress":
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.bar.close()
-        if self.devnull:
-            self.devnull.close()
+        if not self.tty:
+            self.file.close()
 
     def update(self) -> None:
         self.bar.update()
 
     def log(self, epoch: int, step: int, loss: float, lr: float, samples_per_s: float) -> None:
-        if self.shown and self.tty:
-            rate = f"{samples_per_s:.0f}"
-            self.bar.set_postfix(
-                epoch=epoch, loss=f"{loss:.4f}", lr=f"{lr:.3g}", samples_per_s=rate
-            )
-        elif self.shown:  # a line, with tqdm's ETA
+        loss_, lr_, rate = f"{loss:.4f}", f"{lr:.3g}", f"{samples_per_s:.0f}"
+        if self.tty:
+            self.bar.set_postfix(epoch=epoch, loss=loss_, lr=lr_, samples_per_s=rate)
+        elif self.shown:
             eta = self.bar.format_meter(**{**self.bar.format_dict, "bar_format": "{remaining}"})
-            print(
-                f"epoch {epoch} step {step}/{self.bar.total} loss {loss:.4f} lr {lr:.3g} "
-                f"{samples_per_s:.0f} samples/s eta {eta}",
-                flush=True,
-            )
+            line = f"epoch {epoch} step {step}/{self.bar.total} loss {loss_} lr {lr_}"
+            print(f"{line} {rate} samples/s eta {eta}", flush=True)
 
     def write(self, line: str) -> None:
-        if self.shown and self.tty:
+        if self.tty:
             self.bar.write(line)  # above the bar, which is then redrawn
         elif self.shown:
             print(line, flush=True)

@@ -1,9 +1,7 @@
-"""The learning-rate schedule: linear warmup, then cosine decay to zero, as plain numbers in the
-state.
+"""The learning-rate schedule: linear warmup, then a cosine decay to zero, as numbers in the state.
 
-Guarantees: the LR of each optimizer step is lr x lr_factor(step, state["schedule"]), the same after
-any resume; a resume that changes --epochs or --warmup continues from the LR reached, never a jump.
-A schedule of your own: compute the LR in train.py's loop instead of calling lr_factor."""
+Guarantees: optimizer step `step` has LR lr x lr_factor(step, state["schedule"]) after any resume;
+one that changes --epochs or --warmup goes on from the LR reached, without a jump."""
 
 import math
 from typing import Any
@@ -12,8 +10,7 @@ from typing import Any
 def lr_schedule(
     cfg: Any, epochs: int, steps_per_epoch: int, start: int = 0, start_factor: float = 0.0
 ) -> dict:
-    """From optimizer step `start` on: warmup over cfg.warmup epochs from start_factor x lr up to
-    lr, then a cosine decay to zero at the end of `epochs`."""
+    """From step `start`: a warmup from start_factor x lr over cfg.warmup epochs, then a cosine."""
     end = epochs * steps_per_epoch
     warmup_steps = min(round(cfg.warmup * steps_per_epoch), end - start)
     return {
@@ -27,19 +24,16 @@ def lr_schedule(
 
 
 def lr_factor(step: int, schedule: dict[str, Any]) -> float:
-    """The LR of optimizer step `step` (from 0), as a fraction of the peak LR."""
-    k, warmup = step - schedule["start"], schedule["warmup_steps"]
+    """Of optimizer step `step` (from 0), as a fraction of the peak LR."""
+    k, warmup, first = step - schedule["start"], schedule["warmup_steps"], schedule["start_factor"]
     if k < warmup:
-        return schedule["start_factor"] + (1 - schedule["start_factor"]) * (k + 1) / warmup
+        return first + (1 - first) * (k + 1) / warmup
     progress = (k - warmup) / max(1, schedule["end"] - schedule["start"] - warmup)
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def continue_schedule(state: dict, cfg: Any, epochs: int, steps_per_epoch: int, lr: float) -> str:
-    """After a resume whose --epochs or --warmup differ from the schedule's: a new schedule from the
-    step reached, warming up from the LR reached back to the peak, then decaying to zero at the new
-    end (a finished run, at LR zero, warms up from zero). "" if unchanged, else what changed, in
-    words."""
+    """After a resume that changed --epochs or --warmup: what changed, in words, or ""."""
     old, step = state["schedule"], state["global_step"]
     if (old["epochs"], old["warmup_epochs"]) == (epochs, cfg.warmup) or state["epoch"] >= epochs:
         return ""
@@ -48,6 +42,5 @@ def continue_schedule(state: dict, cfg: Any, epochs: int, steps_per_epoch: int, 
     return (
         f"--epochs/--warmup changed the LR schedule: from step {step} it warms up from "
         f"{now * lr:.4g} to {lr:.4g} over {new['warmup_steps']} steps, then decays to 0 at "
-        "step "
-        f"{new['end']}"
+        f"step {new['end']}"
     )

@@ -100,18 +100,6 @@ CASES = [
         "cannot start Fabric with --accelerator cuda",
     ),
     (
-        "FSDP1 on a CPU",
-        "train",
-        ["--accelerator", "cpu", "--strategy", "fsdp1"],
-        "FSDP is only available on GPU",
-    ),
-    (
-        "DeepSpeed not installed",
-        "train",
-        ["--strategy", "deepspeed"],
-        "you must have DeepSpeed installed",
-    ),
-    (
         "warmup beyond epochs",
         "train",
         ["--epochs", "2", "--warmup", "3"],
@@ -208,19 +196,19 @@ CASES = [
         "resume nowhere",
         "train",
         ["--resume", "{world}/runs/nope"],
-        "--resume '{world}/runs/nope': no run directory (with a config.yaml) or checkpoint",
+        "--resume '{world}/runs/nope': not a run directory or a checkpoint in one",
     ),
     (
         "resume not a run",
         "train",
         ["--resume", "{world}"],
-        "--resume '{world}': no run directory (with a config.yaml) or checkpoint",
+        "--resume '{world}': not a run directory or a checkpoint in one",
     ),
     (
         "resume a file outside a run",
         "train",
         ["--resume", "{world}/other_model.ckpt"],
-        "--resume '{world}/other_model.ckpt': a checkpoint must be in a run's checkpoints/ folder",
+        "--resume '{world}/other_model.ckpt': not a run directory or a checkpoint in one",
     ),
     (
         "resume with a bad config file",
@@ -267,12 +255,6 @@ CASES = [
         "use bf16-mixed or 16-mixed",
     ),
     (
-        "EMA under FSDP1",
-        "train",
-        ["--ema_decay", "0.999", "--strategy", "fsdp1"],
-        "--ema_decay with --strategy fsdp1 is not supported; use --strategy fsdp",
-    ),
-    (
         "resume starts an EMA",
         "train",
         ["--resume", "{run}", "--ema_decay", "0.99"],
@@ -311,7 +293,7 @@ CASES = [
         "a removed strategy",
         "train",
         ["--strategy", "ddp_spawn"],
-        "--strategy 'ddp_spawn' is not one of: auto, ddp, fsdp, fsdp1, deepspeed",
+        "--strategy 'ddp_spawn' is not one of: auto, ddp, fsdp",
     ),
     (
         "overfit a negative number of batches",
@@ -323,7 +305,7 @@ CASES = [
         "test: the EMA of a run without one",
         "test",
         ["--out_dir", "{run}", "--weights", "ema"],
-        "--weights ema: the run kept no EMA (its --ema_decay is 0); use raw or auto",
+        "--weights ema: the run has no EMA (--ema_decay 0); use raw or auto",
     ),
     (
         "test: no run dir",
@@ -343,7 +325,7 @@ CASES = [
         "test",
         ["--out_dir", "{run}", "--checkpoint", "{world}/notes.txt"],
         "cannot load checkpoint {world}/notes.txt: not a complete checkpoint file "
-        "(16 bytes: File is not a zip file); torch.save writes a zip archive",
+        "(16 bytes: File is not a zip file)",
     ),
     (
         "test: an empty file",
@@ -434,9 +416,9 @@ def test_every_problem_is_reported_at_once_through_a_real_process(fork, tmp_path
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout
     assert result.stderr.strip().splitlines() == [
+        "error: --logger_name 'foo' is not one of: csv, tensorboard, wandb",
         "error: --monitor_mode 'up' is not one of: auto, min, max",
         "error: --lr -1.0 must be > 0",
-        "error: --logger_name 'foo' is not one of: csv, tensorboard, wandb",
         "error: --dataset 'imagenet' is not one of: waves",
         "error: --hidden 0 must be >= 1",
     ]
@@ -446,8 +428,8 @@ def test_every_problem_is_reported_at_once_through_a_real_process(fork, tmp_path
 # A hand-edited config.yaml (or a --config_path file) with a value of the wrong type:
 # (field, value, the error).
 WRONG_TYPES = [
-    ("hardware.devices", 2, "devices: 2 must be a string: write '2'"),
-    ("logger_name", "csv", "logger_name: csv must be a list of strings, e.g. [csv]"),
+    ("hardware.devices", 2, "devices: 2 must be a string"),
+    ("logger_name", "csv", "logger_name: csv must be a list, e.g. [csv]"),
     ("optim.epochs", 10.5, "epochs: 10.5 must be an integer"),
     ("seed", None, "seed: null must be an integer"),
     ("hardware", None, "hardware must be a mapping of its fields"),
@@ -511,7 +493,7 @@ def test_test_py_that_cannot_write_its_report_says_so_in_one_line(fork, world, t
             "train.py",
             ["--resume", "nowhere"],
             2,
-            "error: --resume 'nowhere': no run directory (with a config.yaml) or checkpoint",
+            "error: --resume 'nowhere': not a run directory or a checkpoint in one",
         ),
         ("test.py", ["--help"], 0, "usage: test.py"),
         (

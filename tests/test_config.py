@@ -39,7 +39,6 @@ TRAIN_FLAGS = [
     ("--weight_decay", "0.1", "optim.weight_decay", 0.1),
     ("--grad_clip", "0", "optim.grad_clip", 0.0),
     ("--log_interval", "3", "log.log_interval", 3),
-    ("--log_per_epoch", "4", "log.log_per_epoch", 4),
     ("--checkpoint_frequency", "5", "log.checkpoint_frequency", 5),
     ("--num_checkpoint_keep", "2", "log.num_checkpoint_keep", 2),
     ("--monitor", "val/loss", "log.monitor", "val/loss"),
@@ -119,9 +118,7 @@ def test_test_py_flags_are_checked_against_the_run_before_any_torch_import(tmp_p
     )
     with pytest.raises(UsageError, match="^--checkpoint 'best': no checkpoint at .*best.ckpt"):
         parse_test_config(["--out_dir", str(run)])
-    with pytest.raises(
-        UsageError, match=r"^--weights ema: the run kept no EMA \(its --ema_decay is 0\)"
-    ):
+    with pytest.raises(UsageError, match=r"^--weights ema: the run has no EMA \(--ema_decay 0\)"):
         parse_test_config(["--out_dir", str(run), "--checkpoint", "final", "--weights", "ema"])
 
 
@@ -467,13 +464,9 @@ def test_explicit_lr_wins_over_the_scaling_rule():
     )
 
 
-def test_log_interval_or_log_per_epoch():
-    def every(**kwargs):
-        return TrainConfig(log=LogConfig(**kwargs)).log_every_n_steps(steps_per_epoch=20)
-
-    assert every(log_interval=7) == 7
-    assert every(log_per_epoch=4) == 5
-    assert every(log_per_epoch=50) == 1
+def test_log_interval_except_fast_run_which_logs_every_step():
+    assert TrainConfig(log=LogConfig(log_interval=7)).log_every_n_steps() == 7
+    assert TrainConfig(fast_run=True, log=LogConfig(log_interval=7)).log_every_n_steps() == 1
 
 
 def test_best_checkpoint_rule_takes_the_direction_from_the_metric_unless_told():
@@ -502,10 +495,10 @@ def test_best_checkpoint_rule_takes_the_direction_from_the_metric_unless_told():
     assert rule(monitor="val/acc", monitor_mode="min") == ("val/acc", "min")
     with pytest.raises(
         UsageError,
-        match=r"^--monitor_mode auto: val/mean says not whether higher is better; pass min or max$",
+        match=r"^--monitor_mode auto: val/mean does not say whether higher is better; pass min or max$",
     ):
         rule(monitor="val/mean")
-    with pytest.raises(UsageError, match=r"--monitor_mode auto: val/errors says not whether"):
+    with pytest.raises(UsageError, match=r"--monitor_mode auto: val/errors does not say whether"):
         rule(monitor="val/errors")
     assert rule(monitor="val/mean", monitor_mode="max") == ("val/mean", "max")
     with pytest.raises(

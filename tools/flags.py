@@ -1,7 +1,4 @@
-"""The flag tables of docs/configuration.md, made from the config's docstrings (the --help text).
-
-python tools/flags.py    # prints them; tests/test_readme.py checks the page against them
-"""
+"""python tools/flags.py: docs/configuration.md's flag tables, from --help (test_readme.py)."""
 
 import sys
 from dataclasses import fields, is_dataclass
@@ -16,45 +13,23 @@ from config import TestConfig, TrainConfig  # noqa: E402
 from machinery.cli import registries  # noqa: E402
 
 
-def rows(cls: type, instance: Any) -> list[str]:
+def rows(cfg: Any) -> list[str]:
     out = []
-    for f in fields(cls):
-        value = getattr(instance, f.name)
-        if is_dataclass(value):
-            out += rows(type(value), value)
-            continue
-        doc = " ".join(get_attribute_docstring(cls, f.name).docstring_below.split())
-        shown = " ".join(value) if isinstance(value, list) else ('""' if value == "" else value)
-        out.append(f"| `--{f.name}` | `{shown}` | {doc} |")
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        doc = " ".join(get_attribute_docstring(type(cfg), f.name).docstring_below.split())
+        out += rows(value) if is_dataclass(value) else [f"| `--{f.name}` | `{value!r}` | {doc} |"]
     return out
 
 
 def flag_reference() -> str:
     header = ["| flag | default | what it does |", "|---|---|---|"]
-    extra = [
-        "| `--config_path` | | Path to a config file containing default values to use. |",
-        "| `--debug` | | On an error, show the traceback. |",
-    ]
-    return "\n".join(
-        [
-            "**train.py**",
-            "",
-            *header,
-            *rows(TrainConfig, TrainConfig()),
-            *extra,
-            "",
-            "The names `--dataset` and `--model` take (the end of `train.py --help`):",
-            "",
-            "```",
-            registries(),
-            "```",
-            "",
-            "**test.py**",
-            "",
-            *header,
-            *rows(TestConfig, TestConfig()),
-        ]
-    )
+    train = [*header, *rows(TrainConfig())]
+    train += ["| `--config_path` | | Path to a config file containing default values to use. |"]
+    train += ["| `--debug` | | On an error, show the traceback. |"]
+    names = "The names `--dataset` and `--model` take (the end of `train.py --help`):"
+    blocks = ["**train.py**", "\n".join(train), names, f"```\n{registries()}\n```", "**test.py**"]
+    return "\n\n".join([*blocks, "\n".join([*header, *rows(TestConfig())])])
 
 
 if __name__ == "__main__":
