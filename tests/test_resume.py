@@ -84,7 +84,7 @@ CRASH_RUNNER = textwrap.dedent("""
             return original(*args, **kwargs)
         setattr(owner, name, wrapper)
 
-    original_save = torch.save  # what writes each checkpoint file (only they are written with it)
+    original_save = torch.save  # what writes each checkpoint file (and pickles tensors sent to ranks)
 
     def half_written(obj, path, *args, **kwargs):  # the file is cut off in the middle of the write
         original_save(obj, path)
@@ -93,7 +93,8 @@ CRASH_RUNNER = textwrap.dedent("""
 
     when, n = sys.argv[1], int(sys.argv[2])
     if when == "mid_write":
-        crash_on_call(torch, "save", n, before=half_written)
+        to_file = lambda obj, f, *args, **kwargs: isinstance(f, (str, os.PathLike))
+        crash_on_call(torch, "save", n, before=half_written, counts=to_file)
     elif when == "before_rename":
         from pathlib import Path  # only the renames that publish a checkpoint count, not config or log writes
         publishes = lambda src, dst, *args, **kwargs: Path(dst).parent.name == "checkpoints"
@@ -102,7 +103,7 @@ CRASH_RUNNER = textwrap.dedent("""
         import errno
         save, saves = torch.save, [0]
         def full(obj, f, *args, **kwargs):
-            saves[0] += 1
+            saves[0] += isinstance(f, (str, os.PathLike))  # a file: not a tensor being pickled
             if saves[0] == n:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
             return save(obj, f, *args, **kwargs)
