@@ -1,7 +1,4 @@
-"""The task's datasets and their splits.
-
-Guarantees: `--dataset NAME` runs `NAME(cfg) -> (fit, test, info)` below. load_splits splits `fit`
-(any map-style dataset) into train and val by the seed; `test` is fixed and never trained on."""
+"""`--dataset NAME` runs `NAME(cfg) -> (fit, test, info)` below; `test` is never trained on."""
 
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +11,8 @@ from torch.utils.data import Dataset, Subset
 from machinery.errors import UsageError
 from task_config import DataConfig
 
-VAL_FRACTION = 0.1  # of `fit`, held out for model selection
-CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))  # channel mean, std in [0, 1]
+VAL_FRACTION = 0.1
+CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 
 
 @dataclass(frozen=True)
@@ -23,15 +20,14 @@ class DataInfo:
     num_classes: int
     in_channels: int
     class_names: tuple[str, ...]
-    augment: nn.Module | None = None  # the model applies it to training batches, on the device
+    augment: nn.Module | None = None  # applied by the model, on the device
 
 
 Splits = tuple[Dataset, Dataset, DataInfo]  # (fit, test, info)
 
 
 class CropFlip(nn.Module):
-    """In training mode: a random crop of the image padded by `pad` reflected pixels, flipped
-    left-right with probability 1/2 (CIFAR's augmentation)."""
+    """In training: a random crop of the reflect-padded image, flipped left-right half the time."""
 
     def __init__(self, pad: int = 4) -> None:
         super().__init__()
@@ -45,16 +41,16 @@ class CropFlip(nn.Module):
         dy, dx = torch.randint(0, 2 * self.pad + 1, (2, n, 1, 1), device=device)
         flip = torch.rand(n, 1, 1, device=device) < 0.5
         i, j = torch.arange(h, device=device), torch.arange(w, device=device)
-        rows, cols = dy + i[:, None], dx + torch.where(flip, j.flip(0), j)  # (n, h, 1), (n, 1, w)
+        rows, cols = dy + i[:, None], dx + torch.where(flip, j.flip(0), j)
         pixels = (rows * padded.shape[-1] + cols).view(n, 1, h * w).expand(n, c, h * w)
         return padded.flatten(2).gather(2, pixels).view(n, c, h, w)
 
 
 class ImageTensorDataset(Dataset):
-    """uint8 images (N, C, H, W) in memory, normalised as read; one indexing serves a batch."""
+    """uint8 images normalised as read; one indexing serves a batch."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *stats) -> None:
-        self.images, self.labels, self.stats = images, labels, stats  # mean, std, scale
+        self.images, self.labels, self.stats = images, labels, stats
         self.mean, self.std = (torch.tensor(s).view(-1, 1, 1) for s in stats[:2])
 
     def __len__(self) -> int:
@@ -65,7 +61,7 @@ class ImageTensorDataset(Dataset):
         x = (self.images[index].float() / self.stats[2] - self.mean) / self.std
         return x, self.labels[index]
 
-    __getitems__ = __getitem__  # how the DataLoader fetches a batch
+    __getitems__ = __getitem__
 
     @staticmethod
     def collate_fn(batch: tuple) -> tuple:
@@ -76,11 +72,10 @@ class ImageTensorDataset(Dataset):
 
 
 def load_splits(cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset, Dataset, DataInfo]:
-    """(train, val, test, info); val is a seeded random VAL_FRACTION of `fit`."""
     fit, test, info = globals()[cfg.dataset](cfg)
     order = torch.randperm(len(fit), generator=torch.Generator().manual_seed(seed))
     val, train = order.tensor_split([int(len(fit) * VAL_FRACTION)])
-    if isinstance(fit, ImageTensorDataset):  # stays one batch-serving tensor
+    if isinstance(fit, ImageTensorDataset):
         return fit.subset(train), fit.subset(val), test, info
     return Subset(fit, train.tolist()), Subset(fit, val.tolist()), test, info
 
@@ -89,12 +84,12 @@ def digits(cfg: DataConfig) -> Splits:
     from sklearn.datasets import load_digits
 
     data = load_digits()
-    images = torch.from_numpy(data.images).to(torch.uint8).unsqueeze(1)  # values 0..16
+    images = torch.from_numpy(data.images).to(torch.uint8).unsqueeze(1)
     labels = torch.from_numpy(data.target).long()
     # No official test split: a fixed 20%, whatever the seed.
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     test, fit = order.tensor_split([len(labels) // 5])
-    full = ImageTensorDataset(images, labels, (0.3053,), (0.3760,), 16.0)  # mean, std in [0, 1]
+    full = ImageTensorDataset(images, labels, (0.3053,), (0.3760,), 16.0)
     return full.subset(fit), full.subset(test), DataInfo(10, 1, tuple("0123456789"))
 
 
@@ -111,7 +106,7 @@ def cifar10(cfg: DataConfig) -> Splits:
 
 
 def synthetic_cifar10(cfg: DataConfig) -> Splits:
-    """Random images and labels, the same for every seed: for timing offline."""
+    """Random images, the same for every seed."""
     n, generator = cfg.synthetic_size, torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (n * 6 // 5, 3, 32, 32), dtype=torch.uint8, generator=generator)
     labels = torch.randint(0, 10, (len(images),), generator=generator)
@@ -124,20 +119,19 @@ def synthetic_cifar10(cfg: DataConfig) -> Splits:
 def _torchvision(
     cfg: DataConfig, name: str, stats: tuple, augment: nn.Module | None = None
 ) -> Splits:
-    """Read once into uint8 tensors; the official test set is ours."""
     import torchvision
 
     dataset_class, splits = getattr(torchvision.datasets, name), []
     for train in (True, False):
         try:
             ds = dataset_class(cfg.data_dir, train=train, download=True)
-        except (RuntimeError, OSError):  # offline, or a partial download
+        except (RuntimeError, OSError):
             folder = Path(cfg.data_dir) / getattr(dataset_class, "base_folder", f"{name}/raw")
             raise UsageError(
                 f"--dataset {cfg.dataset}: the files are not in {folder} and could not be "
                 "downloaded; copy them there, or use --dataset digits"
             ) from None
-        images = torch.as_tensor(ds.data)  # CIFAR: NHWC; MNIST: NHW
+        images = torch.as_tensor(ds.data)
         images = images.permute(0, 3, 1, 2) if images.ndim == 4 else images.unsqueeze(1)
         labels = torch.as_tensor(ds.targets).long()
         splits.append(ImageTensorDataset(images.contiguous(), labels, *stats, 255.0))

@@ -1,8 +1,4 @@
-"""The task's models.
-
-Guarantees: `--model NAME` runs `NAME(cfg, info) -> nn.Module` below; any other name is a
-torchvision classifier with a new head. The machinery calls build_model, and `parallelize(model,
-mesh)` if defined (--strategy fsdp)."""
+"""`--model NAME` runs `NAME(cfg, info)` below, else a torchvision classifier with a new head."""
 
 import torch
 import torch.nn.functional as F
@@ -14,21 +10,20 @@ from task_config import MODELS, ArchConfig
 
 
 def build_model(cfg: ArchConfig, info: DataInfo, pretrained: bool = True) -> nn.Module:
-    """`pretrained=False` downloads nothing: the weights come from a checkpoint (test.py)."""
+    """`pretrained=False` downloads nothing."""
     if cfg.model in MODELS:
         return globals()[cfg.model](cfg, info)
     return TorchvisionClassifier(cfg.model, info, cfg.dropout, cfg.pretrained and pretrained)
 
 
 class SmallCNN(nn.Module):
-    """Pooling to 4x4 fits 8x8 to 32x32 inputs. No batch norm: with dropout 0 the result does not
-    depend on how a batch is split on devices."""
+    """No batch norm: the result does not depend on how a batch is split on devices."""
 
     def __init__(
         self, in_channels: int, num_classes: int, dropout: float, augment: nn.Module | None = None
     ) -> None:
         super().__init__()
-        self.augment = augment or nn.Identity()  # DataInfo.augment: training batches only
+        self.augment = augment or nn.Identity()
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 32, 3, padding=1),
             nn.ReLU(),
@@ -57,7 +52,6 @@ def cnn(cfg: ArchConfig, info: DataInfo) -> nn.Module:
 
 
 def resnet18_cifar(cfg: ArchConfig, info: DataInfo) -> nn.Module:
-    """ResNet-18 with a 3x3 stride-1 stem and no max-pool, which would shrink 32x32 to 8x8."""
     model = TorchvisionClassifier("resnet18", info, cfg.dropout, pretrained=False)
     model.net.conv1 = nn.Conv2d(3, 64, 3, padding=1, bias=False)
     nn.init.kaiming_normal_(model.net.conv1.weight, mode="fan_out", nonlinearity="relu")
@@ -66,7 +60,7 @@ def resnet18_cifar(cfg: ArchConfig, info: DataInfo) -> nn.Module:
 
 
 class TorchvisionClassifier(nn.Module):
-    """A torchvision classifier whose last linear layer becomes dropout + one for our classes."""
+    """Its last linear layer becomes dropout + one for our classes."""
 
     def __init__(self, name: str, info: DataInfo, dropout: float, pretrained: bool) -> None:
         super().__init__()
@@ -76,7 +70,7 @@ class TorchvisionClassifier(nn.Module):
         weights = torchvision.models.get_model_weights(name).DEFAULT if pretrained else None
         try:
             self.net = torchvision.models.get_model(name, weights=weights)
-        except (OSError, RuntimeError) as err:  # typically: offline
+        except (OSError, RuntimeError) as err:
             raise UsageError(
                 f"--pretrained: could not download the {name} weights ({str(err).splitlines()[0]})"
                 f"; offline, copy {weights.url} into {torch.hub.get_dir()}/checkpoints"
@@ -84,11 +78,11 @@ class TorchvisionClassifier(nn.Module):
         head, last = [(n, m) for n, m in self.net.named_modules() if isinstance(m, nn.Linear)][-1]
         new = nn.Linear(last.in_features, info.num_classes)
         self.net.set_submodule(head, nn.Sequential(nn.Dropout(dropout), new))
-        self.image_size = getattr(self.net, "image_size", None)  # set on torchvision ViTs
+        self.image_size = getattr(self.net, "image_size", None)  # ViTs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.augment(x)
-        if x.shape[1] == 1:  # grey images: these models expect 3 channels
+        if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         if self.image_size and x.shape[-1] != self.image_size:
             x = F.interpolate(x, size=(self.image_size,) * 2, mode="bilinear", align_corners=False)

@@ -25,6 +25,7 @@ from torchmetrics.classification import (
 )
 
 from data import DataInfo
+from machinery.rundir import save_figure
 
 MONITOR = "val/acc"  # best.ckpt follows it; the metric's higher_is_better gives the direction
 
@@ -63,5 +64,5 @@ def report(
     if fabric.is_global_zero:
         ax = Figure(figsize=(2 + 0.6 * len(names),) * 2, layout="constrained").subplots()
         MulticlassConfusionMatrix(len(names)).plot(matrix, ax=ax, labels=list(names), cmap="Blues")
-        ax.figure.savefig(out_dir / "confusion_matrix.png", dpi=100)
+        save_figure(ax.figure, out_dir / "confusion_matrix.png")
     return {"confusion_matrix": results["confusion_matrix"], "per_class": per_class}

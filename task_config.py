@@ -1,6 +1,4 @@
-"""The task's flags and the names --dataset and --model take.
-
-Guarantees: no torch import, so `--help`, a typo or a bad value answers before torch loads (5 s)."""
+"""The task's flags; no torch import, so `--help` and bad values answer before torch loads."""
 
 from dataclasses import dataclass
 from typing import ClassVar
@@ -13,7 +11,6 @@ DATASETS = {
     "synthetic_cifar10": "random CIFAR-10-shaped images (--synthetic_size + 1/5): speed, offline",
 }
 
-# Any other --model name is a torchvision model.
 MODELS = {
     "cnn": "A small CNN (~190k parameters, no batch norm) for any of the image datasets",
     "resnet18_cifar": "ResNet-18 with a 3x3 stride-1 stem and no max-pool, for 32x32 (11M)",
@@ -24,7 +21,7 @@ MODELS = {
 class DataConfig:
     """The data: a dataset is a function in data.py, named in DATASETS."""
 
-    RESUME_LOCKED: ClassVar[tuple[str, ...]] = ("dataset", "synthetic_size")  # a resume keeps them
+    RESUME_LOCKED: ClassVar[tuple[str, ...]] = ("dataset", "synthetic_size")
 
     dataset: str = "digits"
     """A name from DATASETS (listed at the end of --help)."""

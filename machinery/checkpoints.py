@@ -1,7 +1,8 @@
-"""Checkpoints, written off the training thread: named only once complete and flushed, pruned only
-then, never of non-finite weights; loaded after a CRC check, weights_only, with every rank's RNG."""
+"""Checkpoints: named only once complete and flushed, never of non-finite weights; CRC-checked."""
 
 import errno
+import io
+import json
 import os
 import pickle
 import random
@@ -9,6 +10,7 @@ import shutil
 import sys
 import time
 import zipfile
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,18 +20,24 @@ from lightning.fabric import Fabric
 from lightning.fabric.strategies import ModelParallelStrategy
 from lightning.fabric.utilities.load import _load_distributed_checkpoint
 from lightning_utilities.core.apply_func import apply_to_collection
+from torch.distributed.checkpoint import CheckpointException
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 from machinery.errors import FilesystemError, NonFiniteLoss, UsageError
 from machinery.rundir import PERIODIC, is_checkpoint, periodic_checkpoints
 
 SAFE_LOAD = {"mmap": True, "map_location": "cpu", "weights_only": True}
+CHECKSUMS = "checksums.json"  # {file: [bytes, CRC-32]}
+REFUSED = "it holds objects other than tensors and plain Python values, and loading it could "
+REFUSED += "run code"
 
 
 def checkpoint_step(path: Path) -> int:
     if match := PERIODIC.match(path.name):
         return int(match[1])
     file = path / "meta.pt" if path.is_dir() else path
-    try:
+    try:  # a FIFO or a link is never opened
+        assert file.is_file() and not path.is_symlink() and not file.is_symlink()
         return int(torch.load(file, **SAFE_LOAD)["global_step"])
     except Exception:
         return -1
@@ -37,7 +45,8 @@ def checkpoint_step(path: Path) -> int:
 
 def resume_candidates(ckpt_dir: Path) -> list[Path]:
     # final.ckpt by its step: an extended run is not done
-    paths = [*periodic_checkpoints(ckpt_dir), *ckpt_dir.glob("final.ckpt")]
+    final = [p for p in ckpt_dir.glob("final.ckpt") if not p.is_symlink()]
+    paths = [*periodic_checkpoints(ckpt_dir), *final]
     return sorted(paths, key=lambda p: (checkpoint_step(p), p.name == "final.ckpt"), reverse=True)
 
 
@@ -56,15 +65,15 @@ longest_write_seconds = 0.0  # kept in reserve by --max_time
 
 
 def save_checkpoint(fabric: Fabric, state: dict, *paths: Path, keep: int | None = None) -> None:
-    """By a thread on rank 0 (FSDP: every rank), one at a time; `paths` past the first are links."""
+    """Written by a background thread; `paths` past the first are links."""
     if not paths:
         return
     wait_for_checkpoints(fabric)
-    # Periodic names last: a crash between renames redoes the epoch, and with it best.ckpt.
+    # Periodic names last: a crash between renames redoes best.ckpt too.
     paths = tuple(sorted(paths, key=lambda p: bool(PERIODIC.match(p.name))))
     keep = keep if PERIODIC.match(paths[-1].name) else None
     local = [p.to_local() if hasattr(p, "to_local") else p for p in state["model"].parameters()]
-    # One kernel per dtype: the largest |weight| is not finite if any weight is not.
+    # inf-norm: one kernel per dtype
     largest = torch.nn.utils.get_total_norm([p for p in local if p.numel()], float("inf"))
     if not fabric.all_reduce(largest.isfinite().float().to(fabric.device), reduce_op="min").item():
         problem = f"the weights are not finite at step {state['global_step']} ({paths[0].name})"
@@ -84,14 +93,14 @@ def save_checkpoint(fabric: Fabric, state: dict, *paths: Path, keep: int | None 
         if fabric.global_rank == 0:
             _publishing.append(_publisher.submit(publish_and_prune, tmp, paths, keep))
     elif fabric.global_rank == 0:
-        # A CPU copy: training goes on while it is written.
+        # training goes on while the CPU copy is written
         state = {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in state.items()}
         copy = apply_to_collection(state, torch.Tensor, lambda t: t.detach().to("cpu", copy=True))
         _publishing.append(_publisher.submit(write_and_publish, tmp, copy, paths, keep))
 
 
 def write_and_publish(tmp: Path, state: dict, paths: tuple, keep: int | None) -> None:
-    # Not fabric.save: it writes in $TMPDIR, then copies, maybe across filesystems.
+    # Not fabric.save: it copies from $TMPDIR, maybe across filesystems.
     global longest_write_seconds
     start = time.monotonic()
     tmp.parent.mkdir(exist_ok=True)
@@ -105,10 +114,13 @@ def write_and_publish(tmp: Path, state: dict, paths: tuple, keep: int | None) ->
 
 
 def publish_and_prune(tmp: Path, paths: tuple[Path, ...], keep: int | None) -> None:
+    if tmp.is_dir():  # shards carry no checksum of their own
+        sums = {p.name: [p.stat().st_size, crc32(p)] for p in sorted(tmp.iterdir())}
+        (tmp / CHECKSUMS).write_text(json.dumps(sums))
     publish(tmp, paths[0])
     for path in paths[1:]:
         link = path.with_name(f".{path.name}.tmp")
-        if paths[0].is_dir():  # FSDP's shards
+        if paths[0].is_dir():
             shutil.copytree(paths[0], link, copy_function=os.link)
         else:
             os.link(paths[0], link)
@@ -130,7 +142,7 @@ def wait_for_checkpoints(fabric: Fabric | None = None) -> None:
 
 
 def publish(tmp: Path, path: Path) -> None:
-    # A directory (FSDP) cannot replace another atomically: the old one is renamed aside first.
+    # A directory cannot replace another atomically: the old one goes aside first.
     for file in [*tmp.rglob("*"), tmp, tmp.parent]:
         fsync(file)
     if path.exists() and (tmp.is_dir() or path.is_dir()):
@@ -162,7 +174,7 @@ _damaged: list[tuple[Path, str]] = []  # what a resume skipped: set aside under 
 
 
 def tidy_checkpoints(ckpt_dir: Path) -> None:
-    """Undoes a crash in `publish`; what a resume skipped becomes NAME.damaged, out of rotation."""
+    """Undoes a crash in `publish`; renames what a resume skipped NAME.damaged."""
     for tmp in ckpt_dir.glob(".*.tmp"):
         original = ckpt_dir / tmp.name[1:].removesuffix(".old.tmp")
         if tmp.name.endswith(".old.tmp") and not original.exists():
@@ -178,16 +190,26 @@ def tidy_checkpoints(ckpt_dir: Path) -> None:
         print(f"{warning}; renamed {target.name}, out of the rotation", file=sys.stderr)
 
 
-def load_newest_checkpoint(fabric: Fabric, run_dir: Path, state: dict) -> Path:
+def load_newest_checkpoint(fabric: Fabric, run_dir: Path, state: dict) -> tuple[Path, dict]:
+    """The checkpoint loaded, and what it holds besides `state`."""
     if is_checkpoint(run_dir):
-        load_checkpoint(fabric, run_dir, state)
-        return run_dir
+        return run_dir, load_checkpoint(fabric, run_dir, state)
     failed, where = [], run_dir / "checkpoints"
-    for path in resume_candidates(where):
+    for link in sorted(p for p in where.glob("*.ckpt") if p.is_symlink()):
+        fabric.print(
+            f"warning: ignoring {link}: a link is never this run's checkpoint", file=sys.stderr
+        )
+    candidates = resume_candidates(where)
+    for i, path in enumerate(candidates):
         try:
-            load_checkpoint(fabric, path, state)
+            remainder = load_checkpoint(fabric, path, state)
+            for later in (p for p in candidates[i + 1 :] if checkpoint_step(p) < 0):
+                try:
+                    verify(later)
+                except UsageError as err:
+                    failed.append((later, f"warning: skipping an unloadable checkpoint: {err}"))
             _damaged[:] = failed
-            return path
+            return path, remainder
         except UsageError as err:
             failed.append((path, f"warning: skipping an unloadable checkpoint: {err}"))
     for _, warning in failed:
@@ -196,22 +218,19 @@ def load_newest_checkpoint(fabric: Fabric, run_dir: Path, state: dict) -> Path:
     raise UsageError(f"--resume {str(run_dir)!r} has no loadable checkpoint in {where}{n}")
 
 
-def load_checkpoint(fabric: Fabric, path: Path, state: dict) -> None:
+def load_checkpoint(fabric: Fabric, path: Path, state: dict) -> dict:
     verify(path)
     try:
         if path.is_dir() and not isinstance(fabric.strategy, ModelParallelStrategy):
             remainder = load_sharded_whole(path, state)
         else:
             remainder = fabric.load(path, state, strict=True, weights_only=True)
-    except Exception as err:
-        why = first_sentence(err)
-        if isinstance(err, pickle.UnpicklingError):
-            why = "it holds objects other than tensors and plain Python values, and loading it "
-            why += "could run code: refused"
-        raise UsageError(f"cannot load checkpoint {path}: {why}") from None
+    except (Exception, CheckpointException) as err:  # DCP's is a BaseException
+        why = f"{REFUSED}: refused" if isinstance(err, pickle.UnpicklingError) else None
+        raise UsageError(f"cannot load checkpoint {path}: {why or first_sentence(err)}") from None
     if not isinstance(rngs := remainder.get("rng", []), list):
         raise UsageError(f"cannot load checkpoint {path}: it holds an older template's RNG states")
-    if rngs:  # after a change of world size, rank r takes saved rank r % saved
+    if rngs:  # a new world size: rank r takes saved rank r % saved
         rng = rngs[fabric.global_rank % len(rngs)]
         torch.set_rng_state(rng["torch"])
         np.random.set_state(rng["numpy"])
@@ -219,6 +238,7 @@ def load_checkpoint(fabric: Fabric, path: Path, state: dict) -> None:
         for device in ("cuda", "mps"):
             if device in rng and getattr(torch, device).is_available():
                 getattr(torch, device).set_rng_state(rng[device])
+    return remainder
 
 
 def first_sentence(err: Exception) -> str:
@@ -226,7 +246,7 @@ def first_sentence(err: Exception) -> str:
 
 
 def load_sharded_whole(path: Path, state: dict) -> dict:
-    """On one device, DDP; returns what `state` lacks."""
+    """For DDP; returns what `state` lacks."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     # Private: torch's public loader needs the structure; this reads .metadata.
@@ -243,13 +263,11 @@ def load_sharded_whole(path: Path, state: dict) -> dict:
 
 
 def verify(path: Path) -> None:
-    """A UsageError unless a zip whose members match their CRCs, or a complete sharded one."""
+    """A UsageError unless whole: a zip matching its CRCs, or a complete sharded one."""
     cannot = f"cannot load checkpoint {path}:"
-    if path.is_dir():
-        if not all((path / n).is_file() for n in (".metadata", "meta.pt")):
-            raise UsageError(f"{cannot} an incomplete sharded checkpoint (no .metadata or meta.pt)")
-        return
-    if not path.is_file():  # a FIFO would block the read
+    if path.is_dir() and not path.is_symlink():
+        return verify_sharded(path, cannot)
+    if not path.is_file() or path.is_symlink():  # a FIFO would block the read
         raise UsageError(f"{cannot} not a regular file")
     try:
         with zipfile.ZipFile(path) as archive:
@@ -259,6 +277,61 @@ def verify(path: Path) -> None:
         raise UsageError(f"{cannot} not a complete checkpoint file ({why})") from None
     if damaged:
         raise UsageError(f"{cannot} it is damaged ({damaged} does not match its CRC-32 checksum)")
+
+
+def verify_sharded(path: Path, cannot: str) -> None:
+    """Checksums match; .metadata holds DCP's classes only; other values load weights_only."""
+    files = {p.name: p for p in path.iterdir()}
+    try:
+        sums = json.loads(files.pop(CHECKSUMS).read_text()) if CHECKSUMS in files else {}
+        assert sums.keys() == files.keys() and {".metadata", "meta.pt"} <= files.keys()
+    except (AssertionError, ValueError, OSError):
+        raise UsageError(f"{cannot} an incomplete sharded checkpoint (its {CHECKSUMS})") from None
+    for name, (size, crc) in sums.items():
+        file = files[name]
+        ok = file.is_file() and not file.is_symlink() and file.stat().st_size == size
+        if not ok or crc32(file) != crc:
+            raise UsageError(f"{cannot} it is damaged ({name} does not match its checksum)")
+    try:
+        metadata = MetadataUnpickler(io.BytesIO(files[".metadata"].read_bytes())).load()
+        for index, info in metadata.storage_data.items():
+            if isinstance(metadata.state_dict_metadata[index.fqn], BytesStorageMetadata):
+                with open(files[info.relative_path], "rb") as f:
+                    f.seek(info.offset)
+                    torch.load(io.BytesIO(f.read(info.length)), weights_only=True)
+    except Exception:
+        raise UsageError(f"{cannot} {REFUSED}: refused") from None
+
+
+class MetadataUnpickler(pickle.Unpickler):
+    """Only what DCP's .metadata holds."""
+
+    def find_class(self, module: str, name: str) -> type:
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (
+            dtype
+            or module == "torch.distributed.checkpoint.metadata"
+            or (module, name)
+            in {
+                (
+                    "torch.distributed.checkpoint.filesystem",
+                    "_StorageInfo",
+                ),  # a name, not an import
+                ("torch", "Size"),
+                ("torch.serialization", "_get_layout"),
+                ("pathlib", "PosixPath"),
+            }
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+def crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 def init_weights(model: torch.nn.Module, source: Path) -> str:

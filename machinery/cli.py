@@ -1,5 +1,4 @@
-"""Guarantees: flags, config files and --resume are checked before torch loads; defaults < the
-task's DEFAULTS (or a resumed run's config.yaml) < --config_path < flags."""
+"""Flags, config files and --resume are checked before torch loads; flags win over files."""
 
 import contextlib
 import os
@@ -24,7 +23,7 @@ TYPES[bool] = "a boolean (true or false)"
 
 
 class Parser(simple_parsing.ArgumentParser):
-    """One-line errors; --config_path read as YAML only (simple_parsing's reader unpickles)."""
+    """--config_path read as YAML only (simple_parsing's reader unpickles)."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {message}\n")
@@ -45,7 +44,6 @@ def make_parser(config_class: type) -> Parser:
 
 
 def parse(config_class: type, argv: Optional[Sequence[str]], defaults: Path | None = None) -> Any:
-    """`argv` over a resumed run's config.yaml (`defaults`), else over the task's DEFAULTS."""
     parser = make_parser(config_class)
     if defaults:
         parser.set_defaults(defaults)
@@ -68,7 +66,7 @@ def read_yaml(path: Path) -> dict:
 
 
 def typed(values: dict, config_class: type, path: Any) -> dict:
-    """A file's values, nested as in config.yaml (flat `epochs: 5` works too), type-checked."""
+    """Nested as in config.yaml (flat `epochs: 5` too), type-checked."""
     kinds = {name: kind for name, _, kind in walk(config_class())}
     groups = {name.split(".")[0] for name in kinds if "." in name}
     short = {name.split(".")[-1]: name for name in kinds}
@@ -86,9 +84,9 @@ def typed(values: dict, config_class: type, path: Any) -> dict:
             continue
         *group, key = name.split(".")
         kind = kinds[name]
-        if get_origin(kind) is Union:  # Optional[X]
+        if get_origin(kind) is Union:
             kind = type(value) if value is None else get_args(kind)[0]
-        kind = str if get_origin(kind) is Literal else get_origin(kind) or kind  # list[str]: list
+        kind = str if get_origin(kind) is Literal else get_origin(kind) or kind
         if kind is float and type(value) in (int, str):  # YAML 1.1 reads 2e-3 as a string
             with contextlib.suppress(ValueError):
                 value = float(value)
@@ -102,12 +100,11 @@ def typed(values: dict, config_class: type, path: Any) -> dict:
 
 
 def parse_train_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
-    """With --resume, the run's config.yaml is the defaults; flags may change what is safe."""
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = parse(TrainConfig, argv)
     if cfg.resume == "auto":
         cfg = replace(cfg, resume=auto_resume_dir(cfg))
-        argv += ["--resume", cfg.resume]  # the last occurrence of a flag wins
+        argv += ["--resume", cfg.resume]
     problems = []
     if cfg.resume:  # a requeued job's repeated command line changes nothing
         saved_path = resumed_run(cfg.resume) / "config.yaml"
@@ -129,7 +126,7 @@ def parse_train_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
 
 
 def resumed_run(resume: str) -> Path:
-    """The run --resume continues: RUN_DIR, or the run whose checkpoints/ holds the file given."""
+    """RUN_DIR, or the run whose checkpoints/ holds the file given."""
     path = Path(resume)
     run = path.parent.parent if is_checkpoint(path) and path.parent.name == "checkpoints" else path
     if not (run / "config.yaml").is_file():
@@ -138,17 +135,16 @@ def resumed_run(resume: str) -> Path:
 
 
 def auto_resume_dir(cfg: TrainConfig) -> str:
-    """The newest unfinished *-OUT_DIR run with a periodic checkpoint, else "". Decided once, by
-    the launching process: the processes it starts inherit it."""
+    """The newest unfinished *-OUT_DIR run with a checkpoint, else ""; decided once."""
     if AUTO_RESUME_ENV in os.environ:
         return os.environ[AUTO_RESUME_ENV]
-    from machinery.checkpoints import is_finished  # reads final.ckpt's step: torch
+    from machinery.checkpoints import is_finished  # torch
 
     root, name = Path(cfg.root_dir), re.compile(rf"\d{{8}}-\d{{6}}-{re.escape(cfg.out_dir)}")
     ckpts = sorted(p / "checkpoints" for p in root.glob("*") if name.fullmatch(p.name))
     unfinished = [c.parent for c in ckpts if not is_finished(c) and any(c.glob("step-*.ckpt"))]
     decision = str(unfinished[-1]) if unfinished else ""
-    # torchrun and SLURM start every rank with this command: one says it.
+    # every rank runs this: one says it
     if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
         found = f"resuming the newest unfinished run {decision}"
         none = f"no unfinished run named *-{cfg.out_dir} with a checkpoint under {root}: a new run"
@@ -158,7 +154,6 @@ def auto_resume_dir(cfg: TrainConfig) -> str:
 
 
 def load_train_config(path: Path) -> TrainConfig:
-    """A run's config.yaml, checked: it may be hand-edited."""
     cfg = parse(TrainConfig, [], defaults=path)
     if problems := validate(cfg):
         raise UsageError(*(f"{path}: {p}" for p in problems))
@@ -176,7 +171,6 @@ def parse_test_config(argv: Optional[Sequence[str]] = None) -> TestConfig:
 
 
 def flatten(cfg: Any) -> dict[str, Any]:
-    """{"optim.epochs": 10, ...}"""
     return {name: value for name, value, _ in walk(cfg)}
 
 
@@ -186,7 +180,6 @@ def overrides(old: TrainConfig, new: TrainConfig) -> dict[str, tuple[Any, Any]]:
 
 
 def registries() -> str:
-    """The names --dataset and --model take: the end of --help."""
     lines, width = [], max(map(len, [*task_config.DATASETS, *task_config.MODELS]))
     for flag, registry in [("--dataset", task_config.DATASETS), ("--model", task_config.MODELS)]:
         lines += [f"{flag}:", *(f"  {n:<{width}}  {h}".rstrip() for n, h in registry.items())]

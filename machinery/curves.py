@@ -1,24 +1,24 @@
-"""curves.png, from the whole run's metrics.csv at the end of every launch: train/* and val/loss, a
-panel per other validation metric, the LR; the monitored metric's best value is marked."""
+"""curves.png, from the whole run's metrics.csv; the monitored metric's best is marked."""
 
 import contextlib
 from pathlib import Path
 
 import matplotlib
 
-matplotlib.use("Agg")  # no display needed
+matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from machinery.rundir import save_figure  # noqa: E402
 
 
 def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """{metric: [(step, value), ...]}, numbers only."""
     from machinery.loggers import read_rows
 
     series: dict[str, list[tuple[int, float]]] = {}
     for row in read_rows(run_dir / "logs" / "csv" / "metrics.csv")[1]:
         step = int(row.pop("step"))
         for key, value in row.items():
-            with contextlib.suppress(ValueError):  # "": not logged in this row
+            with contextlib.suppress(ValueError):
                 number = float(value)
                 series.setdefault(key, []).append((step, number))
     return series
@@ -47,7 +47,6 @@ def draw_curves(run_dir: Path, monitor: str | None = None, mode: str = "max") ->
         ax.legend()
     fig.suptitle(run_dir.name)
     out = run_dir / "curves.png"
-    out.unlink(missing_ok=True)  # never write through a planted link
-    fig.savefig(out, dpi=100)
+    save_figure(fig, out)
     plt.close(fig)
     return out

@@ -1,6 +1,4 @@
-"""--detect_anomaly, --deterministic, FLOPs and memory.
-
-Guarantees: all off by default; FLOPs are counted on the meta device (no memory, no time)."""
+"""--detect_anomaly, --deterministic (off by default), FLOPs (on the meta device) and memory."""
 
 import os
 import warnings
@@ -16,11 +14,11 @@ def set_debug_modes(cfg: Any) -> None:
     torch.use_deterministic_algorithms(cfg.deterministic)
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
-        torch.backends.cudnn.benchmark = False  # autotuning may pick another algorithm each run
+        torch.backends.cudnn.benchmark = False
 
 
 def training_flops(arch: Any, info: Any, batch: Any) -> int | None:
-    """Of task.forward and backward over `batch`; None, with a warning, where they cannot be."""
+    """None, with a warning, where they cannot be counted."""
     import task
     from model import build_model
 
@@ -34,7 +32,7 @@ def training_flops(arch: Any, info: Any, batch: Any) -> int | None:
 
 
 def memory_per_process(model: torch.nn.Module, optimizer: Any, device: Any) -> dict[str, float]:
-    """MiB of parameters and optimizer state (this process's shards), and CUDA's peak."""
+    """MiB of this process's shards, and CUDA's peak."""
 
     def mib(tensors: Any) -> float:
         local = (t.to_local() if hasattr(t, "to_local") else t for t in tensors)

@@ -1,5 +1,4 @@
-"""Guarantees: a run that stops early says why in one `error:` line per problem, with a documented
-exit code and no traceback (`--debug` shows it); one report per run, not per process."""
+"""A run that stops early says why in `error:` lines, with an exit code and no traceback."""
 
 import contextlib
 import os
@@ -20,8 +19,6 @@ class UsageError(Exception):
 
 
 class NonFiniteLoss(UsageError):
-    """Training diverged; `newest`: the newest checkpoint (all hold finite weights)."""
-
     exit_code = 3
 
     def __init__(self, problem: str, newest: str | None) -> None:
@@ -33,8 +30,6 @@ class NonFiniteLoss(UsageError):
 
 
 class FilesystemError(UsageError):
-    """The filesystem refused: disk full, read-only, a path that is a file."""
-
     exit_code = 4
 
     @classmethod
@@ -45,14 +40,13 @@ class FilesystemError(UsageError):
 
 @contextlib.contextmanager
 def exit_on_usage_error() -> Iterator[None]:
-    """A UsageError or an OSError becomes `error:` lines and the exit code."""
     try:
         yield
     except (UsageError, OSError) as raised:
         if "--debug" in sys.argv:
             raise
         err = FilesystemError.of(raised) if isinstance(raised, OSError) else raised
-        # The launching process reports for those it started, unless the filesystem error is theirs.
+        # The launcher reports for those it started, unless the filesystem error is theirs.
         if not _STARTED_BY_LAUNCHER or isinstance(err, FilesystemError):
             prefix = f"[local rank {os.environ.get('LOCAL_RANK')}] " if _STARTED_BY_LAUNCHER else ""
             for problem in err.problems:

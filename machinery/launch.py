@@ -1,7 +1,4 @@
-"""Fabric from the config, and how each process ends.
-
-Guarantees: processes from Fabric, torchrun, `fabric run` or SLURM; --strategy fsdp is FSDP2 (CPUs
-too); however the run ends, each process leaves its process group and the loggers are flushed."""
+"""Fabric from the config; however a process ends, it leaves its group and flushes its loggers."""
 
 import gc
 import os
@@ -22,25 +19,24 @@ from machinery.signals import Preempted
 
 
 def run(main: Callable, cfg: Any, hw: Any) -> None:
-    """main(fabric, cfg) on every process; a training config gets its loggers."""
     loggers = [RunLogger(cfg)] if hasattr(cfg, "logger_name") else []
     args = hw.accelerator, hw.devices, hw.num_nodes, hw.strategy, hw.precision
     fabric = make_fabric(*args, loggers)
     if hasattr(cfg, "optim"):
-        cfg.optim.micro_batching(fabric.world_size)  # a batch size that does not divide: now
+        cfg.optim.micro_batching(fabric.world_size)  # fails early
         set_debug_modes(cfg.debug)
     status = "failed"
     try:
-        if os.environ.get("LT_CLI_USED"):  # `fabric run` gives each process all the cores
-            if os.environ.get("OMP_NUM_THREADS") == str(os.cpu_count()):  # share them, as Fabric
+        if os.environ.get("LT_CLI_USED"):  # `fabric run` gives each process all cores
+            if os.environ.get("OMP_NUM_THREADS") == str(os.cpu_count()):
                 per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
                 torch.set_num_threads(max(1, os.cpu_count() // per_node))
             call_then_leave_process_group(main, cfg, fabric)
         else:
-            os.environ[LAUNCHER_ENV] = str(os.getpid())  # the processes Fabric starts inherit it
+            os.environ[LAUNCHER_ENV] = str(os.getpid())
             fabric.launch(partial(call_then_leave_process_group, main, cfg))
         status = "success"
-    except Preempted as stopped:  # the checkpoint is on disk, and the run said so
+    except Preempted as stopped:
         sys.exit(0 if started_by_launcher() else stopped.exit_code)
     finally:
         os.environ.pop(LAUNCHER_ENV, None)
@@ -57,15 +53,14 @@ def make_fabric(
     loggers: list | None = None,
 ) -> Fabric:
     options = dict(accelerator=accelerator, devices=devices, num_nodes=num_nodes, loggers=loggers)
-    # Our writer goes straight into checkpoints/ (Fabric's through $TMPDIR).
     plugins, named, chosen = [], precision, strategy
     try:
-        if strategy == "fsdp":  # FSDP2: Fabric's ModelParallelStrategy, data parallel only
+        if strategy == "fsdp":  # FSDP2, data parallel only
             from torch.distributed.fsdp import MixedPrecisionPolicy as Policy
 
             import model
 
-            mixed = precision == "bf16-mixed"  # bf16 all-gathers, float32 reductions
+            mixed = precision == "bf16-mixed"
             policy = Policy(torch.bfloat16, torch.float32) if mixed else Policy()
             default = partial(shard_layers, mp_policy=policy)
             world_size = Fabric(**options, strategy="ddp").world_size
@@ -74,14 +69,14 @@ def make_fabric(
             double = precision == "64-true"  # Fabric refuses the name for FSDP2, not the plugin
             plugins, named = ([DoublePrecision()], None) if double else ([], named)
         return Fabric(**options, strategy=chosen, precision=named, plugins=plugins)
-    except (ValueError, RuntimeError, TypeError, ImportError) as err:  # e.g. cuda without a GPU
+    except (ValueError, RuntimeError, TypeError, ImportError) as err:
         flags = f"--accelerator {accelerator} --devices {devices} --num_nodes {num_nodes}"
         reason = f"{flags} --strategy {strategy}: {' '.join(str(err).split())}"
         raise UsageError(f"cannot start Fabric with {reason}") from None
 
 
 def shard_layers(model: torch.nn.Module, mesh: Any, mp_policy: Any) -> torch.nn.Module:
-    """FSDP2 without model.parallelize: each module with parameters of its own, then the root."""
+    """Each module with parameters of its own, then the root."""
     from torch.distributed.fsdp import fully_shard
 
     options = {"mesh": mesh["data_parallel"], "mp_policy": mp_policy}
@@ -97,12 +92,11 @@ def setup_model(fabric: Fabric, model: torch.nn.Module, hw: Any) -> Any:
     if hw.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if fabric.device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls on GPUs that have them
+        torch.set_float32_matmul_precision("high")
     return fabric.setup_module(torch.compile(model) if hw.compile else model)
 
 
 def checkpoint_activations(model: torch.nn.Module) -> None:
-    """Each child with parameters recomputes its activations (and RNG) in the backward pass."""
     from torch.utils.checkpoint import checkpoint
 
     for block in model.children():
@@ -116,4 +110,4 @@ def call_then_leave_process_group(function: Callable, cfg: Any, fabric: Fabric) 
     finally:
         if torch.distributed.is_initialized():  # exiting with the group up may abort
             torch.distributed.destroy_process_group()
-            gc.collect()  # a group in a reference cycle keeps gloo's threads, which may abort
+            gc.collect()  # a group in a cycle keeps gloo's threads, which may abort

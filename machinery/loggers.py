@@ -1,9 +1,9 @@
-"""metrics.csv, appended to or rewritten atomically so a kill leaves it whole, and TensorBoard and
-wandb when asked for; a resume continues them (and the wandb run) from its checkpoint's step."""
+"""metrics.csv (a kill leaves it whole), TensorBoard, wandb; a resume continues them."""
 
 import contextlib
 import csv
 import io
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ from machinery.rundir import atomic_write_text
 
 
 class RunLogger(Logger):
-    """Given to Fabric at launch, opened once RUN_DIR exists; calls the loggers of --logger_name."""
+    """Given to Fabric at launch, opened once RUN_DIR exists."""
 
     name, version = "run", ""
 
@@ -24,24 +24,24 @@ class RunLogger(Logger):
         self.cfg, self.loggers, self.columns = cfg, [], ["step"]
 
     def open(self, run_dir: Path, resumed_at: tuple[int, bool] | None) -> None:
-        """`resumed_at`: (step, whether its validation came before the checkpoint)."""
+        """`resumed_at`: (step, whether validation came before it)."""
         if rank_zero_only.rank > 0:
             return
         logs, cfg, self.csv = run_dir / "logs", self.cfg, run_dir / "logs/csv/metrics.csv"
         self.csv.parent.mkdir(parents=True, exist_ok=True)
-        if resumed_at and self.csv.is_file():  # rows logged after the checkpoint go
+        if resumed_at and self.csv.is_file():
             self.columns, rows = read_rows(self.csv)
             step, val = resumed_at
             late = [not val and any(v for k, v in r.items() if k[:4] == "val/") for r in rows]
             self.rewrite([r for r, at in zip(rows, late) if int(r["step"]) + at <= step])
-        if "tensorboard" in cfg.logger_name:  # a resume drops the events after its step
+        if "tensorboard" in cfg.logger_name:
             purge = {"purge_step": resumed_at[0] + 1} if resumed_at else {}
             self.loggers.append(TensorBoardLogger(logs, "tensorboard", "", False, **purge))
         if "wandb" in cfg.logger_name:
             from lightning.pytorch.loggers import WandbLogger
 
             (logs / "wandb").mkdir(exist_ok=True)
-            run_id = re.sub(r"[^a-zA-Z0-9_-]", "-", run_dir.name)  # a resume continues the run
+            run_id = re.sub(r"[^a-zA-Z0-9_-]", "-", run_dir.name)
             run = dict(project=cfg.project, name=run_dir.name, save_dir=str(logs), resume="allow")
             self.loggers.append(WandbLogger(id=run_id, notes=cfg.comment or None, **run))
 
@@ -51,11 +51,11 @@ class RunLogger(Logger):
         row = {"step": step, **metrics}
         if rank_zero_only.rank > 0:
             return
-        if set(row) - set(self.columns):  # a new column: the whole file again, atomically
+        if set(row) - set(self.columns):
             self.columns += [k for k in row if k not in self.columns]
             self.rewrite([*read_rows(self.csv)[1], row] if self.csv.is_file() else [row])
             return
-        with open(self.csv, "a", newline="") as f:
+        with open(self.csv, "a", newline="", opener=nofollow) as f:
             csv.DictWriter(f, self.columns).writerow(row)
 
     def log_hyperparams(self, params: dict[str, Any], *args: Any, **kwargs: Any) -> None:
@@ -78,8 +78,8 @@ class RunLogger(Logger):
 
 
 def read_rows(path: Path) -> tuple[list[str], list[dict]]:
-    """(columns, complete rows): a row a kill cut short has too few fields, or too many."""
-    with open(path, newline="", errors="replace") as f:
+    """(columns, the rows a kill did not cut short)."""
+    with open(path, newline="", errors="replace", opener=nofollow) as f:
         reader = csv.DictReader(f)
         rows = [r for r in reader if None not in (*r, *r.values()) and r.get("step", "").isdigit()]
         return list(reader.fieldnames or ["step"]), rows
@@ -90,3 +90,7 @@ def hparams(run_dir: Path) -> dict:
         values = yaml.safe_load((run_dir / "logs/csv/hparams.yaml").read_text())
         return values if isinstance(values, dict) else {}
     return {}
+
+
+def nofollow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW)

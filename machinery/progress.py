@@ -1,7 +1,4 @@
-"""Training progress on global rank 0: tqdm's bar in a terminal, plain lines in a file.
-
-Guarantees: other ranks print nothing; a file (CI, SLURM logs) gets one line per log step with
-tqdm's ETA, and no redrawn bar."""
+"""Progress on rank 0 only: tqdm's bar in a terminal, one line per log step in a file."""
 
 import os
 import sys
@@ -42,6 +39,6 @@ class Progress:
 
     def write(self, line: str) -> None:
         if self.tty:
-            self.bar.write(line)  # above the bar, which is then redrawn
+            self.bar.write(line)
         elif self.shown:
             print(line, flush=True)

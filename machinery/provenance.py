@@ -1,5 +1,4 @@
-"""RUN_DIR/provenance.yaml: an entry per launch with the command line, versions, hardware, world
-size, git commit (uncommitted changes go to code-N.patch) and a resume's overrides."""
+"""RUN_DIR/provenance.yaml: an entry per launch (command, versions, hardware, git commit)."""
 
 import contextlib
 import platform

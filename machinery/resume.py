@@ -1,21 +1,29 @@
-"""Resuming from the newest checkpoint that loads; a finished run, or one out of patience, is not
-trained again; a changed --weight_decay, --epochs or --warmup applies without an LR jump."""
+"""Resuming from the newest checkpoint that loads; a finished run is not trained again."""
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from lightning.fabric import Fabric
 
+from config import RESUME_LOCKED
 from machinery.checkpoints import load_newest_checkpoint
+from machinery.cli import resumed_run
+from machinery.errors import UsageError
 from machinery.run import out_of_patience
 from machinery.rundir import is_checkpoint
 from machinery.schedule import continue_schedule
 
 
 def resume(fabric: Fabric, cfg: Any, state: dict, steps_per_epoch: int, lr: float) -> bool:
-    """Loads `state`, says what changed; False when nothing is left to train."""
-    run_dir, rule, patience = Path(cfg.resume), state["best"], state["patience"]  # this launch's
-    checkpoint = load_newest_checkpoint(fabric, run_dir, state)
+    """False when nothing is left to train."""
+    run_dir, rule, patience = Path(cfg.resume), state["best"], state["patience"]
+    checkpoint, held = load_newest_checkpoint(fabric, run_dir, state)
+    saved, now = flat(held.get("config", {})), flat(asdict(cfg))
+    if wrong := [k for k in RESUME_LOCKED if k in saved and saved[k] != now.get(k)]:
+        config = resumed_run(cfg.resume) / "config.yaml"
+        said = ", ".join(f"{k.split('.')[-1]} {now[k]}, its checkpoints {saved[k]}" for k in wrong)
+        raise UsageError(f"{config} says {said}: a resume cannot change them; put them back")
     step, epoch, offset, best = map(state.get, ("global_step", "epoch", "sample_offset", "best"))
     where = f"in epoch {epoch + 1}" if offset else f"after epoch {epoch}"
     branch = " (a chosen checkpoint: in a new run dir)" if is_checkpoint(run_dir) else ""
@@ -40,3 +48,10 @@ def resume(fabric: Fabric, cfg: Any, state: dict, steps_per_epoch: int, lr: floa
         fabric.print(f"The run {why}; pass a larger {more} to train further.")
         return False
     return True
+
+
+def flat(config: dict) -> dict:
+    groups = {g: d for g, d in config.items() if isinstance(d, dict)}
+    return {f"{g}.{k}": v for g, d in groups.items() for k, v in d.items()} | {
+        k: v for k, v in config.items() if k not in groups
+    }

@@ -1,7 +1,5 @@
-"""The bookkeeping around train.py's loop: logs, checkpoints, best.ckpt, stops, the summary.
-
-Guarantees: train/<name> is the mean over the log interval at any world size and across a resume;
-a checkpoint is saved before any stop; one CPU sync per log step."""
+"""train.py's bookkeeping: train/* are interval means at any world size; a checkpoint before a
+stop; one CPU sync per log step."""
 
 import contextlib
 import math
@@ -24,19 +22,19 @@ from machinery.signals import StopSignals, stop_after_signal
 
 
 class Run(contextlib.ExitStack):
-    """`with Run(...) as run:` around the loop. `steps`: per epoch; `batch`, `info`: for FLOPs."""
+    """`with Run(...) as run:` around the loop; `steps` per epoch."""
 
     def __init__(self, fabric: Fabric, cfg: Any, state: dict, steps: int, batch: Any, info: Any):
         super().__init__()
         self.fabric, self.cfg, self.state, self.steps_per_epoch = fabric, cfg, state, steps
         self.batch_size, self.accum_steps = cfg.optim.micro_batching(fabric.world_size)
-        # A resume at an epoch's end that had run out of patience only finishes the run.
+        # A resume after running out of patience only finishes the run.
         self.stopped_early = out_of_patience(state, cfg.log) if state["sample_offset"] == 0 else ""
         self.last_epoch = state["epoch"] if self.stopped_early else cfg.epochs()
         self.run_dir = create_run_dir(fabric, cfg, state["global_step"], state["schedule"])
         self.ckpt_dir, best = self.run_dir / "checkpoints", state["best"]
-        state["config"] = asdict(cfg)  # after a resume's load: this launch's config
-        # A checkpoint at an epoch's end (offset 0) comes after that epoch's validation.
+        state["config"] = asdict(cfg)
+        # offset 0: the checkpoint came after its epoch's validation
         resumed_at = (state["global_step"], state["sample_offset"] == 0) if cfg.resume else None
         fabric.logger.open(self.run_dir, resumed_at)
         self.log_every = cfg.log_every_n_steps()
@@ -45,8 +43,8 @@ class Run(contextlib.ExitStack):
                 f"note: fewer steps than --log_interval {self.log_every}: no train/* logged"
             )
         flops = debug.training_flops(cfg.arch, info, batch)
-        self.flops = flops and flops * self.accum_steps * self.log_every  # per log interval
-        if not cfg.resume:  # hparams.yaml: the config and the numbers derived from it
+        self.flops = flops and flops * self.accum_steps * self.log_every
+        if not cfg.resume:
             derived = dict(world_size=fabric.world_size, lr_used=cfg.optim.learning_rate())
             derived.update(batch_size_per_device=self.batch_size, grad_accum_steps=self.accum_steps)
             derived.update(monitor_used=best["metric"], monitor_mode_used=best["mode"])
@@ -59,8 +57,7 @@ class Run(contextlib.ExitStack):
         self.stop = self.enter_context(StopSignals(cfg.time_budget(), self.log_every))
 
     def track(self, **scalars: torch.Tensor) -> None:
-        """Logged as train/<name>: the mean per optimizer step since the last log. Call it per
-        micro-batch with value / accum_steps, or once per optimizer step."""
+        """Per micro-batch with value / accum_steps, or once per optimizer step."""
         sums = self.state["sums"]
         for name, value in scalars.items():
             sums[name] = sums[name] + value if name in sums else value.clone()
@@ -80,8 +77,8 @@ class Run(contextlib.ExitStack):
                 problem = f"the training {name} is {value} at step {step}"
                 raise NonFiniteLoss(problem, newest_checkpoint(self.ckpt_dir))
         steps, seconds = step - self.start_step, time.perf_counter() - self.start
-        samples = steps * self.batch_size * self.accum_steps  # per device
-        # FLOPs since the last update: the window drops the first (short after a resume).
+        samples = steps * self.batch_size * self.accum_steps
+        # The window drops the first update (short after a resume).
         self.throughput.update(time=seconds, batches=steps, samples=samples, flops=self.flops)
         speed = self.throughput.compute().items()
         speed = {k: v for k, v in speed if k.endswith(("_per_sec", "mfu"))}
@@ -92,14 +89,13 @@ class Run(contextlib.ExitStack):
         state["sums"], state["summed_steps"] = {}, 0
 
     def save_if_due(self) -> None:
-        """Every --checkpoint_every_n_steps, or on a stop, after which every rank exits."""
         step, every = self.state["global_step"], self.cfg.log.checkpoint_every_n_steps
         signum = self.stop.agreed(self.fabric, step)
         if signum or (every and step % every == 0):
             self.save(f"step-{step:08d}.ckpt", signum=signum)
 
     def end_epoch(self, epoch: int, val: dict[str, Any]) -> bool:
-        """Log, best.ckpt, the epoch's checkpoint; True when out of patience."""
+        """True when out of patience."""
         state, cfg, fabric, best = self.state, self.cfg, self.fabric, self.state["best"]
         state["epoch"], state["sample_offset"], step = epoch + 1, 0, state["global_step"]
         val = scalars(val)
@@ -108,7 +104,7 @@ class Run(contextlib.ExitStack):
         self.progress.write(f"epoch {epoch + 1}/{cfg.epochs()} step {step} {shown}")
         score = val[best["metric"].removeprefix("val/")]
         count_patience(state["patience"], score, best["mode"], cfg.log.early_stopping_min_delta)
-        self.stopped_early = fabric.broadcast(out_of_patience(state, cfg.log))  # rank 0's decision
+        self.stopped_early = fabric.broadcast(out_of_patience(state, cfg.log))
         signum = self.stop.agreed(fabric)
         names = []
         if signum or self.stopped_early or state["epoch"] % cfg.log.checkpoint_frequency == 0:
@@ -120,7 +116,7 @@ class Run(contextlib.ExitStack):
         return bool(self.stopped_early)
 
     def save(self, *names: str, signum: int = 0) -> None:
-        # The ranks' partial sums become their mean: a resume at any world size logs the same.
+        # The mean of the ranks' sums: a resume at any world size logs the same.
         fabric, sums = self.fabric, self.state["sums"]
         self.state["sums"] = {k: fabric.all_reduce(v, reduce_op="mean") for k, v in sums.items()}
         paths = [self.ckpt_dir / name for name in names]
@@ -129,7 +125,6 @@ class Run(contextlib.ExitStack):
             stop_after_signal(fabric, signum, paths[0])
 
     def finish(self) -> None:
-        """final.ckpt (on disk when this returns), curves.png, memory/*, the summary."""
         state, fabric, best = self.state, self.fabric, self.state["best"]
         self.save("final.ckpt")
         wait_for_checkpoints(fabric)
@@ -138,7 +133,7 @@ class Run(contextlib.ExitStack):
         if fabric.is_global_zero:
             draw_curves(self.run_dir, best["metric"], best["mode"])
         memory = debug.memory_per_process(state["model"], state["optimizer"], fabric.device)
-        if steps:  # once per launch that trained
+        if steps:
             fabric.log_dict({f"memory/{k}": v for k, v in memory.items()}, step=step)
         summary = f"no best {best['metric']} yet"  # a resume changed --monitor, trained no epoch
         if best["value"] is not None:
@@ -181,7 +176,6 @@ def scalars(logged: dict[str, Any]) -> dict[str, float]:
 
 
 def best_checkpoint_rule(cfg: Any, metrics: Any, logged: dict[str, Any]) -> tuple[str, str]:
-    """(metric, "min" or "max") from --monitor or task.MONITOR, and --monitor_mode."""
     if "loss" in metrics:
         problem = "task.metrics has a metric named 'loss': val/loss is the task's; rename it"
         raise UsageError(problem)
@@ -207,7 +201,7 @@ def count_patience(patience: dict[str, Any], score: float, mode: str, min_delta:
 
 
 def out_of_patience(state: dict[str, Any], cfg: Any) -> str:
-    """Why the run stops early, or "" to go on."""
+    """Why the run stops early, or ""."""
     stale, patience = state["patience"]["stale_epochs"], cfg.early_stopping_patience
     if not 0 < patience <= stale:
         return ""
@@ -218,7 +212,7 @@ def out_of_patience(state: dict[str, Any], cfg: Any) -> str:
 
 
 def improves(score: float, best: float | None, mode: str, min_delta: float = 0.0) -> bool:
-    """By more than `min_delta`; anything beats None or NaN, NaN nothing."""
+    """Anything beats None or NaN, NaN nothing."""
     if best is None or math.isnan(best):
         return True
     return (score - best if mode == "max" else best - score) > min_delta

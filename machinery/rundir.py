@@ -1,8 +1,8 @@
-"""The run dir (no torch: the CLI's fast path): a new run makes one new ROOT_DIR/DATE-TIME-OUT_DIR
-and touches no other; one writer at a time (RUN_DIR/.lock); files are replaced atomically."""
+"""The run dir (no torch): one writer at a time, files replaced atomically."""
 
 import contextlib
 import fcntl
+import io
 import os
 import re
 import shutil
@@ -21,6 +21,7 @@ PERIODIC = re.compile(r"^step-(\d+)\.ckpt$")
 
 def periodic_checkpoints(ckpt_dir: Path) -> list[Path]:
     found = [(int(m[1]), p) for p in ckpt_dir.glob("step-*.ckpt") if (m := PERIODIC.match(p.name))]
+    found = [(step, p) for step, p in found if not p.is_symlink()]  # never this run's
     return [p for _, p in sorted(found)]
 
 
@@ -31,6 +32,7 @@ def is_checkpoint(path: Path) -> bool:
 def find_checkpoint(run_dir: Path, which: str) -> Path:
     if not (run_dir / "config.yaml").is_file():
         raise UsageError(f"--out_dir {str(run_dir)!r} is not a run directory (no config.yaml)")
+    refuse_links(run_dir)
     last = [Path("step-*"), *periodic_checkpoints(run_dir / "checkpoints")][-1].name
     name = {"best": "best.ckpt", "final": "final.ckpt", "last": last}.get(which)
     path = run_dir / "checkpoints" / name if name else Path(which)
@@ -40,7 +42,7 @@ def find_checkpoint(run_dir: Path, which: str) -> Path:
 
 
 def create_run_dir(fabric: Any, cfg: Any, step: int, lr_schedule: dict) -> Path:
-    """Made on rank 0: new, or the resumed run's (from a chosen checkpoint: new, with its logs)."""
+    """On rank 0: new, or the resumed run's (from a chosen checkpoint: new, with its logs)."""
     from machinery.checkpoints import tidy_checkpoints
     from machinery.cli import load_train_config, overrides, resumed_run, to_yaml
     from machinery.provenance import record_provenance
@@ -63,7 +65,7 @@ def create_run_dir(fabric: Any, cfg: Any, step: int, lr_schedule: dict) -> Path:
                 launch |= {"from_checkpoint": str(Path(cfg.resume).resolve())} if branch else {}
             atomic_write_text(run_dir / "config.yaml", to_yaml(ran))
             record_provenance(run_dir, step, fabric.world_size, launch)
-        except (UsageError, OSError) as err:  # every rank stops with one line
+        except (UsageError, OSError) as err:
             problem = err if isinstance(err, UsageError) else FilesystemError.of(err)
     run_dir, problem = fabric.broadcast((str(run_dir), problem), src=0)
     if problem:
@@ -74,7 +76,7 @@ def create_run_dir(fabric: Any, cfg: Any, step: int, lr_schedule: dict) -> Path:
 def new_run_dir(cfg: Any) -> Path:
     root, when = Path(cfg.root_dir), time.time()
     root.mkdir(parents=True, exist_ok=True)
-    while True:  # a second later while the name is taken
+    while True:
         run_dir = root / f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(when))}-{cfg.out_dir}"
         with contextlib.suppress(FileExistsError):
             run_dir.mkdir()
@@ -82,24 +84,28 @@ def new_run_dir(cfg: Any) -> Path:
         when += 1
 
 
-_locks: dict[Path, int] = {}  # run dir -> the file holding its lock
+_locks: dict[Path, int] = {}
 
 
 def lock_run_dir(run_dir: Path) -> None:
-    """For this process's life."""
+    """On the folder itself: deleting RUN_DIR/.lock frees nothing."""
+    refuse_links(run_dir)
     if run_dir.resolve() in _locks:
         return
-    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
         os.close(fd)
-        message = f"{run_dir} is being trained by {holder}: one writer at a time; let it finish"
-        raise UsageError(message) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} (since {now()})".encode())
+        try:
+            with open(os.open(run_dir / ".lock", os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
+                holder = f.read(200).decode(errors="replace").strip()
+        except OSError:
+            holder = ""
+        message = f"{run_dir} is being trained by {holder or 'another process'}: one writer at a "
+        raise UsageError(message + "time; let it finish") from None
     _locks[run_dir.resolve()] = fd
+    atomic_write_text(run_dir / ".lock", f"pid {os.getpid()} on {socket.gethostname()} ({now()})")
 
 
 def now() -> str:
@@ -116,11 +122,27 @@ def append_yaml(path: Path, entry: dict) -> None:
     atomic_write_text(path, yaml.safe_dump([*history, entry], sort_keys=False))
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str | bytes) -> None:
+    """Replaces `path` (a link itself, never its target)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)  # never write through a planted link
-    with open(tmp, "x") as f:
+    tmp.unlink(missing_ok=True)  # "x" never opens a link either
+    with open(tmp, "xb" if isinstance(text, bytes) else "x") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def save_figure(figure: Any, path: Path) -> None:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def refuse_links(run_dir: Path) -> None:
+    for name in ("logs", "logs/csv", "logs/tensorboard", "checkpoints", "test"):
+        if (run_dir / name).is_symlink():
+            raise FilesystemError(
+                f"{run_dir / name} is a symbolic link: the template writes only inside the run "
+                "directory, never through a link; replace it with a folder"
+            )

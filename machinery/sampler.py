@@ -1,7 +1,4 @@
-"""The data order and the DataLoaders.
-
-Guarantees: the same global batches at any world size, from (seed, epoch), resumable at any global
-sample offset; evaluation shards cover every sample once, without padding."""
+"""The same global batches at any world size and resume; eval shards cover each sample once."""
 
 import math
 from collections.abc import Iterator
@@ -14,8 +11,7 @@ from machinery.errors import UsageError
 
 
 class GlobalBatchSampler(Sampler[list[int]]):
-    """Each rank takes its slice of each global batch, in micro-batches. `set_position`, not
-    `set_epoch`: Fabric's loader wrapper calls that with its own count."""
+    """`set_position`, not `set_epoch`: Fabric's loader wrapper calls that with its own count."""
 
     def __init__(
         self,
@@ -44,7 +40,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         order = torch.randperm(self.num_samples, generator=generator)
         end, mine = self.steps_per_epoch * self.eff_batch_size, self.rank * self.per_rank
         for start in range(self.sample_offset, end, self.eff_batch_size):
-            batch = order[start + mine : start + mine + self.per_rank]  # this rank's slice
+            batch = order[start + mine : start + mine + self.per_rank]
             yield from (chunk.tolist() for chunk in batch.split(self.batch_size))
 
 
@@ -79,7 +75,7 @@ def make_eval_loader(
 
 def loader(dataset: Dataset, **options: Any) -> DataLoader:
     # Its own generator: an iterator draws nothing from the global RNG, which a resume restores.
-    # A dataset whose __getitems__ serves whole batches sets collate_fn to pass them through.
+    # A dataset whose __getitems__ serves whole batches passes them through its collate_fn.
     collate = getattr(dataset, "collate_fn", None)
     return DataLoader(dataset, **options, collate_fn=collate, generator=torch.Generator())
 

@@ -1,7 +1,4 @@
-"""The learning-rate schedule: linear warmup, then a cosine decay to zero, as numbers in the state.
-
-Guarantees: optimizer step `step` has LR lr x lr_factor(step, state["schedule"]) after any resume;
-one that changes --epochs or --warmup goes on from the LR reached, without a jump."""
+"""Linear warmup, then cosine decay to zero; a changed --epochs or --warmup causes no LR jump."""
 
 import math
 from typing import Any
@@ -10,7 +7,7 @@ from typing import Any
 def lr_schedule(
     cfg: Any, epochs: int, steps_per_epoch: int, start: int = 0, start_factor: float = 0.0
 ) -> dict:
-    """From step `start`: a warmup from start_factor x lr over cfg.warmup epochs, then a cosine."""
+    """From step `start`: a warmup from start_factor x lr, then a cosine."""
     end = epochs * steps_per_epoch
     warmup_steps = min(round(cfg.warmup * steps_per_epoch), end - start)
     return {
@@ -24,7 +21,6 @@ def lr_schedule(
 
 
 def lr_factor(step: int, schedule: dict[str, Any]) -> float:
-    """Of optimizer step `step` (from 0), as a fraction of the peak LR."""
     k, warmup, first = step - schedule["start"], schedule["warmup_steps"], schedule["start_factor"]
     if k < warmup:
         return first + (1 - first) * (k + 1) / warmup
@@ -33,7 +29,7 @@ def lr_factor(step: int, schedule: dict[str, Any]) -> float:
 
 
 def continue_schedule(state: dict, cfg: Any, epochs: int, steps_per_epoch: int, lr: float) -> str:
-    """After a resume that changed --epochs or --warmup: what changed, in words, or ""."""
+    """What changed, in words, or ""."""
     old, step = state["schedule"], state["global_step"]
     if (old["epochs"], old["warmup_epochs"]) == (epochs, cfg.warmup) or state["epoch"] >= epochs:
         return ""

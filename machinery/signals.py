@@ -1,7 +1,4 @@
-"""Stopping cleanly on SIGTERM, SIGUSR1 (SLURM's warning), Ctrl-C or the --max_time budget.
-
-Guarantees: every rank stops at the same step, within a log interval, once its checkpoint is on
-disk, with exit code 128 + the signal (75 for --max_time); a second Ctrl-C stops at once."""
+"""On a signal or --max_time, every rank stops at one step once its checkpoint is on disk."""
 
 import os
 import signal
@@ -15,7 +12,7 @@ from lightning.fabric import Fabric
 
 from machinery import checkpoints
 
-OUT_OF_TIME = 1000  # above any signal number
+OUT_OF_TIME = 1000
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
@@ -27,8 +24,7 @@ class Preempted(Exception):
 
 
 class StopSignals:
-    """A budget from the process's start stops once the time left is under twice the longest gap
-    between checks + the longest checkpoint write + 5% of the budget (at most a minute)."""
+    """Out of time under 2 x the longest gap between checks + the longest write + a margin."""
 
     def __init__(self, budget: float | None = None, every: int = 1, clock: Callable = time.time):
         self.received, self.clock, self.every = 0, clock, every
@@ -50,14 +46,13 @@ class StopSignals:
         self.received = signum
 
     def agreed(self, fabric: Fabric, step: int | None = None) -> int:
-        """The signal any rank received, OUT_OF_TIME, or 0. Ranks talk only at an epoch's end
-        (`step` None) and when step % every == 0."""
+        """The signal any rank received, OUT_OF_TIME, or 0."""
         if fabric.world_size > 1 and step is not None and step % self.every:
             return 0
         if not self.received:
             now = self.clock()
             self.longest_gap, self.last_check = max(self.longest_gap, now - self.last_check), now
-            # The stop's checkpoint is written in the background, and the exit waits for it.
+            # The stop's checkpoint is written in the background; the exit waits for it.
             reserve = 2 * self.longest_gap + checkpoints.longest_write_seconds + self.margin
             if now + reserve >= self.deadline:
                 self.received = OUT_OF_TIME
@@ -68,7 +63,6 @@ class StopSignals:
 
 
 def process_start_time() -> float:
-    """From /proc on Linux, else now."""
     try:
         ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
         uptime = float(Path("/proc/uptime").read_text().split()[0])
@@ -78,8 +72,7 @@ def process_start_time() -> float:
 
 
 def stop_after_signal(fabric: Fabric, signum: int, checkpoint: Path) -> NoReturn:
-    """Rank 0 reports once the checkpoint is on disk; every rank stops together (one that exits
-    early could get the others killed)."""
+    """Every rank stops together: one that exits early could get the others killed."""
     checkpoints.wait_for_checkpoints(fabric)
     stopped = Preempted(signum)
     if fabric.global_rank == 0:

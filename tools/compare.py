@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the template's r
 from machinery.curves import draw_curves, plt, read_metrics  # noqa: E402
 from machinery.errors import exit_on_usage_error  # noqa: E402
 from machinery.loggers import hparams  # noqa: E402
+from machinery.rundir import save_figure  # noqa: E402
 
 
 def monitor(run: Path) -> tuple[str, str]:
@@ -27,7 +28,6 @@ def mean_std(values: list[float]) -> str:
 
 
 def compare(runs: list[Path], out: Path) -> str:
-    """Draws the recipes' curves in `out`; returns their table."""
     groups: dict[str, list[Path]] = {}
     for run in runs:
         groups.setdefault(run.name.split("-", 2)[-1], []).append(run)
@@ -35,13 +35,13 @@ def compare(runs: list[Path], out: Path) -> str:
     logged = sorted({k for s in series.values() for k in s if k.startswith(("val/", "train/loss"))})
     fig, _ = plt.subplots(1, len(logged), figsize=(5 * len(logged), 4), layout="constrained")
     for ax, key in zip(fig.axes, logged):
-        for i, (name, group) in enumerate(groups.items()):  # a recipe's seeds in one colour
+        for i, (name, group) in enumerate(groups.items()):
             for j, run in enumerate(r for r in group if key in series[r]):
                 ax.plot(*zip(*series[run][key]), f"C{i % 10}", label=None if j else name)
         ax.set(title=key, xlabel="step")
     fig.axes[0].legend()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    save_figure(fig, out)
     plt.close(fig)
 
     best, mode = monitor(runs[0])
@@ -61,7 +61,7 @@ def cli(argv: list[str] | None = None) -> None:
     parser.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
     parser.add_argument("--out", type=Path, default=Path("comparison.png"), help="the figure")
     args = parser.parse_args(argv)
-    runs = list(dict.fromkeys(run.resolve() for run in args.runs))  # given twice: one run
+    runs = list(dict.fromkeys(run.resolve() for run in args.runs))
     with exit_on_usage_error():
         if len(runs) == 1:
             print(f"Wrote {draw_curves(runs[0], *monitor(runs[0]))}")
