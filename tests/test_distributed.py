@@ -690,6 +690,7 @@ def test_fsdp_does_the_math_of_ddp_and_saves_sharded_checkpoints(fsdp_run, two_p
         "__0_0.distcp",
         "__1_0.distcp",
         "meta.pt",
+        "checksums.json",  # every file's size and CRC-32, checked on load
     }
     fsdp, ddp = consolidated_model(sharded), consolidated_model(final(two_processes[0]))
     assert (
