@@ -106,14 +106,17 @@ class OptimConfig:
                 f"--eff_batch_size {eff} is not divisible by the world size {world_size} "
                 f"(devices x nodes); use a multiple of {world_size}"
             )
-        fewest = math.ceil(per_device / most)
-        accum = next(a for a in range(fewest, per_device + 1) if per_device % a == 0)
-        if accum > 1 and 2 * (per_device // accum) < most:
+        low = (most + 1) // 2
+        accums = range(math.ceil(per_device / most), max(1, per_device // low) + 1)
+        if len(accums) > most:  # bounded work: search the sizes instead
+            accums = [per_device // b for b in range(most, low - 1, -1) if per_device % b == 0]
+        accum = next((a for a in accums if per_device % a == 0), 0)
+        if not accum:
             below = eff // (world_size * most) * world_size * most
             nearby = " or ".join(str(n) for n in (below, below + world_size * most) if n)
             raise UsageError(
                 f"--eff_batch_size {eff} on {world_size} device(s) does not split into "
-                f"micro-batches of {most // 2} to {most} (--max_batch_size_per_device); "
+                f"micro-batches of {low} to {most} (--max_batch_size_per_device); "
                 f"use e.g. {nearby}"
             )
         return per_device // accum, accum
@@ -247,6 +250,7 @@ def validate(cfg: Any) -> list[str]:
          f"--max_time {cfg.max_time!r} must be DD:HH:MM:SS, longer than 0"),
         (not re.fullmatch(r"auto|-1|[1-9]\d*|\d+(,\d+)+", hw.devices),
          f"--devices {hw.devices!r} must be a count, ids like 0,1, -1 or auto"),
+        (opt.eff_batch_size > 2**40, f"--eff_batch_size {opt.eff_batch_size} must be <= 2**40"),
         (opt.base_lr <= 0, f"--base_lr {opt.base_lr} must be > 0"),
         (opt.lr is not None and opt.lr <= 0, f"--lr {opt.lr} must be > 0"),
         (not 0 <= opt.warmup <= opt.epochs,

@@ -36,8 +36,8 @@ class DataConfig:
         problems = []
         if self.dataset not in DATASETS:
             problems.append(f"--dataset {self.dataset!r} is not one of: {', '.join(DATASETS)}")
-        if self.synthetic_size < 10:
-            problems.append(f"--synthetic_size {self.synthetic_size} must be >= 10")
+        if not 10 <= self.synthetic_size <= 10**6:  # in memory: 3 KiB an image
+            problems.append(f"--synthetic_size {self.synthetic_size} must be in [10, 10**6]")
         return problems
 
 

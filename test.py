@@ -70,7 +70,7 @@ def main(fabric: Fabric, cfg: TestConfig) -> None:
             fabric.print(f"  {name:<9} {value:.4f}")
     trained = (read_entries(run_dir) or [{}])[-1]  # how the launch that trained last was run
     patch = f" + {trained['uncommitted_changes']}" if "uncommitted_changes" in trained else ""
-    commit = trained.get("git_commit", "none")[:12]
+    commit = str(trained.get("git_commit", "none"))[:12]
     fabric.print(f"Trained by: {trained.get('command', '?')} | commit {commit}{patch}")
     out = run_dir / "test"
     out.mkdir(exist_ok=True)

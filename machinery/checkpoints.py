@@ -304,24 +304,14 @@ def verify_sharded(path: Path, cannot: str) -> None:
 
 
 class MetadataUnpickler(pickle.Unpickler):
-    """Only what DCP's .metadata holds."""
+    """Only what DCP's .metadata holds (names, not imports)."""
+
+    KNOWN = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}
+    KNOWN.add(("torch.distributed.checkpoint.filesystem", "_StorageInfo"))
 
     def find_class(self, module: str, name: str) -> type:
-        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        if (
-            dtype
-            or module == "torch.distributed.checkpoint.metadata"
-            or (module, name)
-            in {
-                (
-                    "torch.distributed.checkpoint.filesystem",
-                    "_StorageInfo",
-                ),  # a name, not an import
-                ("torch", "Size"),
-                ("torch.serialization", "_get_layout"),
-                ("pathlib", "PosixPath"),
-            }
-        ):
+        known = (module, name) in self.KNOWN or module == "torch.distributed.checkpoint.metadata"
+        if known or module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"{module}.{name}")
 

@@ -15,7 +15,7 @@ import yaml
 import task_config
 from config import RESUME_LOCKED, TestConfig, TrainConfig, validate, walk
 from machinery.errors import UsageError
-from machinery.rundir import find_checkpoint, is_checkpoint
+from machinery.rundir import find_checkpoint, is_checkpoint, record_problems
 
 AUTO_RESUME_ENV = "TEMPLATE_AUTO_RESUME_DIR"
 TYPES = {int: "an integer", float: "a number", str: "a string", list: "a list, e.g. [{}]"}
@@ -108,6 +108,7 @@ def parse_train_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     problems = []
     if cfg.resume:  # a requeued job's repeated command line changes nothing
         saved_path = resumed_run(cfg.resume) / "config.yaml"
+        problems += record_problems(saved_path.parent)
         saved, cfg = load_train_config(saved_path), parse(TrainConfig, argv, saved_path)
         changed = {k: v for k, v in overrides(saved, cfg).items() if k in RESUME_LOCKED}
         locked = [f"--{k.split('.')[-1]} {a!r} -> {b!r}" for k, (a, b) in changed.items()]

@@ -17,13 +17,11 @@ class EMA(torch.optim.Optimizer):
         for p in self.params:
             self.state[p]["average"] = p.detach().clone()
 
-    def averages(self) -> list[torch.Tensor]:
-        return [self.state[p]["average"] for p in self.params]
-
     @torch.no_grad()
     def update(self, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))
-        get_ema_multi_avg_fn(decay)(self.averages(), [p.detach() for p in self.params], None)
+        averages = [self.state[p]["average"] for p in self.params]
+        get_ema_multi_avg_fn(decay)(averages, [p.detach() for p in self.params], None)
 
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:
@@ -40,7 +38,8 @@ class EMA(torch.optim.Optimizer):
         for module in self.module.modules():  # FSDP2 keeps the root's gathered weights
             if isinstance(module, FSDPModule):
                 module.reshard()
-        for p, average in zip(self.params, self.averages()):
+        for p in self.params:
+            average = self.state[p]["average"]
             weights = p.detach().clone()  # one at a time, in place: FSDP keeps views of them
             p.detach().copy_(average)
             average.copy_(weights)

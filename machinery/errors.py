@@ -2,12 +2,15 @@
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator
+from typing import Any, NoReturn
 
 # Set while a process calls fabric.launch: the processes it starts inherit it.
 LAUNCHER_ENV = "TEMPLATE_LAUNCHER_PID"
-_STARTED_BY_LAUNCHER = os.environ.get(LAUNCHER_ENV) == str(os.getppid())
+STARTED_BY_LAUNCHER = os.environ.get(LAUNCHER_ENV) == str(os.getppid())
 
 
 class UsageError(Exception):
@@ -38,8 +41,25 @@ class FilesystemError(UsageError):
         return cls(f"{err.strerror or err}{': ' + where if where else ''}")
 
 
+def interrupted(signum: int = 2, frame: Any = None, said: str = "") -> NoReturn:
+    """Ctrl-C outside the loop (where it saves first), or a second one."""
+    if not STARTED_BY_LAUNCHER:  # the launcher's own line is enough
+        print(f"error: {said or 'interrupted by Ctrl-C: stopped without saving'}", file=sys.stderr)
+    sys.exit(130)
+
+
+class LostProcess(UsageError):
+    """Each survivor says so: the one gone may be the launcher."""
+
+    exit_code = 1
+
+
 @contextlib.contextmanager
 def exit_on_usage_error() -> Iterator[None]:
+    """From here on, Ctrl-C too (during the imports that follow)."""
+    main = threading.current_thread() is threading.main_thread()
+    if main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, interrupted)
     try:
         yield
     except (UsageError, OSError) as raised:
@@ -47,12 +67,8 @@ def exit_on_usage_error() -> Iterator[None]:
             raise
         err = FilesystemError.of(raised) if isinstance(raised, OSError) else raised
         # The launcher reports for those it started, unless the filesystem error is theirs.
-        if not _STARTED_BY_LAUNCHER or isinstance(err, FilesystemError):
-            prefix = f"[local rank {os.environ.get('LOCAL_RANK')}] " if _STARTED_BY_LAUNCHER else ""
+        if not STARTED_BY_LAUNCHER or isinstance(err, (FilesystemError, LostProcess)):
+            prefix = f"[local rank {os.environ.get('LOCAL_RANK')}] " if STARTED_BY_LAUNCHER else ""
             for problem in err.problems:
                 print(f"{prefix}error: {problem}", file=sys.stderr)
         sys.exit(err.exit_code)
-
-
-def started_by_launcher() -> bool:
-    return _STARTED_BY_LAUNCHER

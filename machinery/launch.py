@@ -2,6 +2,7 @@
 
 import gc
 import os
+import re
 import sys
 from collections.abc import Callable
 from functools import partial
@@ -10,10 +11,11 @@ from typing import Any
 import torch
 from lightning.fabric import Fabric
 from lightning.fabric.plugins import DoublePrecision
+from lightning.fabric.plugins import environments as envs
 from lightning.fabric.strategies import ModelParallelStrategy
 
 from machinery.debug import set_debug_modes
-from machinery.errors import LAUNCHER_ENV, UsageError, started_by_launcher
+from machinery.errors import LAUNCHER_ENV, STARTED_BY_LAUNCHER, LostProcess, UsageError
 from machinery.loggers import RunLogger
 from machinery.signals import Preempted
 
@@ -37,7 +39,7 @@ def run(main: Callable, cfg: Any, hw: Any) -> None:
             fabric.launch(partial(call_then_leave_process_group, main, cfg))
         status = "success"
     except Preempted as stopped:
-        sys.exit(0 if started_by_launcher() else stopped.exit_code)
+        sys.exit(0 if STARTED_BY_LAUNCHER else stopped.exit_code)
     finally:
         os.environ.pop(LAUNCHER_ENV, None)
         for logger in fabric.loggers:
@@ -52,6 +54,12 @@ def make_fabric(
     precision: str = "32-true",
     loggers: list | None = None,
 ) -> Fabric:
+    launchers = (envs.SLURMEnvironment, envs.TorchElasticEnvironment, envs.LSFEnvironment)
+    if num_nodes > 1 and "NODE_RANK" not in os.environ and not any(e.detect() for e in launchers):
+        raise UsageError(
+            f"--num_nodes {num_nodes}: start it on every node with torchrun, `fabric run` or "
+            "SLURM's srun (docs/scaling.md); started plainly it would wait for nodes forever"
+        )
     options = dict(accelerator=accelerator, devices=devices, num_nodes=num_nodes, loggers=loggers)
     plugins, named, chosen = [], precision, strategy
     try:
@@ -107,6 +115,12 @@ def checkpoint_activations(model: torch.nn.Module) -> None:
 def call_then_leave_process_group(function: Callable, cfg: Any, fabric: Fabric) -> Any:
     try:
         return function(fabric, cfg)
+    except RuntimeError as err:  # torch.distributed's too: a collective lost its peer
+        lost = re.search(r"Connection (reset|closed) by peer|Broken pipe|NCCL error", str(err))
+        if fabric.world_size == 1 or not lost:
+            raise
+        where = f"another process of the run is gone ({lost[0]}): rank {fabric.global_rank}"
+        raise LostProcess(f"{where} stopped too; resume with --resume RUN_DIR") from None
     finally:
         if torch.distributed.is_initialized():  # exiting with the group up may abort
             torch.distributed.destroy_process_group()

@@ -31,9 +31,10 @@ class RunLogger(Logger):
         self.csv.parent.mkdir(parents=True, exist_ok=True)
         if resumed_at and self.csv.is_file():
             self.columns, rows = read_rows(self.csv)
-            step, val = resumed_at
+            step, val = resumed_at  # later rows and the end's come again
             late = [not val and any(v for k, v in r.items() if k[:4] == "val/") for r in rows]
-            self.rewrite([r for r, at in zip(rows, late) if int(r["step"]) + at <= step])
+            end = [any(v for k, v in r.items() if k[:7] == "memory/") for r in rows]
+            self.rewrite([r for r, *at in zip(rows, late, end) if int(r["step"]) + sum(at) <= step])
         if "tensorboard" in cfg.logger_name:
             purge = {"purge_step": resumed_at[0] + 1} if resumed_at else {}
             self.loggers.append(TensorBoardLogger(logs, "tensorboard", "", False, **purge))

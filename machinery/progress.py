@@ -25,9 +25,6 @@ class Progress:
         if not self.tty:
             self.file.close()
 
-    def update(self) -> None:
-        self.bar.update()
-
     def log(self, epoch: int, step: int, loss: float, lr: float, samples_per_s: float) -> None:
         loss_, lr_, rate = f"{loss:.4f}", f"{lr:.3g}", f"{samples_per_s:.0f}"
         if self.tty:

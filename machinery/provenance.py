@@ -12,7 +12,7 @@ import lightning
 import torch
 import yaml
 
-from machinery.rundir import append_yaml, atomic_write_text, now, read_text
+from machinery.rundir import atomic_write_text, now
 
 
 def record_provenance(run_dir: Path, step: int, world_size: int, launch: dict) -> None:
@@ -30,12 +30,14 @@ def record_provenance(run_dir: Path, step: int, world_size: int, launch: dict) -
         or [platform.processor() or platform.machine()],
         **launch,
     }
+    entries = read_entries(run_dir)  # a resume checked it first
     if commit := git("rev-parse", "HEAD").strip():
         entry["git_commit"] = commit
         if patch := git("diff", "HEAD", "--", "."):  # the template's files, even in a larger repo
-            entry["uncommitted_changes"] = f"code-{len(read_entries(run_dir))}.patch"
+            entry["uncommitted_changes"] = f"code-{len(entries)}.patch"
             atomic_write_text(run_dir / entry["uncommitted_changes"], patch)
-    append_yaml(run_dir / "provenance.yaml", entry)
+    text = yaml.safe_dump([*entries, entry], sort_keys=False)
+    atomic_write_text(run_dir / "provenance.yaml", text)
 
 
 def git(*args: str) -> str:
@@ -48,7 +50,8 @@ def git(*args: str) -> str:
 
 def read_entries(run_dir: Path) -> list[dict]:
     with contextlib.suppress(yaml.YAMLError, UnicodeDecodeError):
-        entries = yaml.safe_load(read_text(run_dir / "provenance.yaml") or "[]")
+        path = run_dir / "provenance.yaml"
+        entries = yaml.safe_load(path.read_text() if path.is_file() else "[]")
         if isinstance(entries, list) and all(isinstance(e, dict) for e in entries):
             return entries
     return []

@@ -65,7 +65,7 @@ class Run(contextlib.ExitStack):
     def log_step(self, epoch: int, lr: float) -> None:
         state, fabric = self.state, self.fabric
         state["summed_steps"] += 1
-        self.progress.update()
+        self.progress.bar.update()
         step = state["global_step"]
         if step % self.log_every:
             return
@@ -126,15 +126,15 @@ class Run(contextlib.ExitStack):
 
     def finish(self) -> None:
         state, fabric, best = self.state, self.fabric, self.state["best"]
+        # The record's end first: a stop before final.ckpt finishes it again, from the same step.
+        memory = debug.memory_per_process(state["model"], state["optimizer"], fabric.device)
+        fabric.log_dict({f"memory/{k}": v for k, v in memory.items()}, step=state["global_step"])
+        if fabric.is_global_zero:
+            draw_curves(self.run_dir, best["metric"], best["mode"])
         self.save("final.ckpt")
         wait_for_checkpoints(fabric)
         step, seconds = state["global_step"], time.perf_counter() - self.start
         steps = step - self.start_step
-        if fabric.is_global_zero:
-            draw_curves(self.run_dir, best["metric"], best["mode"])
-        memory = debug.memory_per_process(state["model"], state["optimizer"], fabric.device)
-        if steps:
-            fabric.log_dict({f"memory/{k}": v for k, v in memory.items()}, step=step)
         summary = f"no best {best['metric']} yet"  # a resume changed --monitor, trained no epoch
         if best["value"] is not None:
             summary = f"best {best['metric']} {best['value']:.4f} at epoch {best['epoch']}"

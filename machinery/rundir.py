@@ -112,16 +112,6 @@ def now() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
-def read_text(path: Path) -> str | None:
-    return path.read_text() if path.is_file() else None
-
-
-def append_yaml(path: Path, entry: dict) -> None:
-    history = yaml.safe_load(read_text(path) or "[]")
-    history = history if isinstance(history, list) else []
-    atomic_write_text(path, yaml.safe_dump([*history, entry], sort_keys=False))
-
-
 def atomic_write_text(path: Path, text: str | bytes) -> None:
     """Replaces `path` (a link itself, never its target)."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -137,6 +127,25 @@ def save_figure(figure: Any, path: Path) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     atomic_write_text(path, buffer.getvalue())
+
+
+def record_problems(run_dir: Path) -> list[str]:
+    """What a resume appends to is as the template writes it, or a line says why."""
+    problems, fix = [], "restore it, or move it away to resume without it"
+    for path in (run_dir / "provenance.yaml", run_dir / "logs/csv/metrics.csv"):
+        try:
+            text = path.read_bytes().decode() if path.exists() else ""
+            if path.suffix == ".csv":
+                wrong = text and "step" not in text.split("\n")[0].split(",") and "no step column"
+            else:
+                entries = yaml.safe_load(text) or []
+                whole = isinstance(entries, list) and all(isinstance(e, dict) for e in entries)
+                wrong = not whole and "not a YAML list of launches"
+        except (OSError, UnicodeDecodeError, RecursionError, yaml.YAMLError) as err:
+            wrong = str(getattr(err, "problem", 0) or getattr(err, "strerror", 0) or err)
+        if wrong:
+            problems.append(f"{path}: {wrong[:120]}; {fix}")
+    return problems
 
 
 def refuse_links(run_dir: Path) -> None:

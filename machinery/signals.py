@@ -11,6 +11,7 @@ import torch
 from lightning.fabric import Fabric
 
 from machinery import checkpoints
+from machinery.errors import interrupted
 
 OUT_OF_TIME = 1000
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -42,7 +43,7 @@ class StopSignals:
 
     def handle(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGINT and self.received:
-            raise KeyboardInterrupt
+            interrupted(said="a second Ctrl-C: stopped at once; the checkpoints on disk stay")
         self.received = signum
 
     def agreed(self, fabric: Fabric, step: int | None = None) -> int:

@@ -45,6 +45,17 @@ def world(fork, tmp_path_factory) -> Path:
     shutil.copytree(run, broken)
     for ckpt in (broken / "checkpoints").glob("*.ckpt"):
         ckpt.write_bytes(ckpt.read_bytes()[:500])
+    damaged = {  # a file of the run's record, as a hand edit or a bad disk leaves it
+        "config_not_utf8": ("config.yaml", b"seed: 42\xff\n"),
+        "provenance_not_yaml": ("provenance.yaml", b"- [unclosed\n"),
+        "provenance_a_mapping": ("provenance.yaml", b"step: 3\n"),
+        "metrics_not_utf8": ("logs/csv/metrics.csv", b"step,train/loss\n1,\xff\xfe\n"),
+        "metrics_without_step": ("logs/csv/metrics.csv", b"train/loss,lr\n0.5,0.1\n"),
+    }
+    for name, (file, content) in damaged.items():
+        shutil.copytree(run, root / "runs" / name)
+        with open(root / "runs" / name / file, "ab" if file == "config.yaml" else "wb") as f:
+            f.write(content)
     (root / "unknown_key.yaml").write_text("optim:\n  epochz: 3\n")
     (root / "unknown_flat_key.yaml").write_text("epochs: 2\nepochz: 3\nlrr: 0.1\n")
     (root / "malformed.yaml").write_text("optim: [unclosed\n")
@@ -241,12 +252,7 @@ CASES = [
         ["--resume", "{world}/runs/broken"],
         "has no loadable checkpoint in {world}/runs/broken/checkpoints (2 could not be loaded)",
     ),
-    (
-        "EMA decay of 1",
-        "train",
-        ["--ema_decay", "1"],
-        "--ema_decay 1.0 must be in [0, 1)",
-    ),
+    ("EMA decay of 1", "train", ["--ema_decay", "1"], "--ema_decay 1.0 must be in [0, 1)"),
     (
         "EMA in 16 bits",
         "train",
@@ -288,6 +294,50 @@ CASES = [
         "--early_stopping_patience -1 must be >= 0",
     ),
     ("negative seed", "train", ["--seed", "-1"], "--seed -1 must be >= 0"),
+    ("negative seed -5", "train", ["--seed", "-5"], "--seed -5 must be >= 0"),
+    (
+        "seed beyond 64 bits",
+        "train",
+        ["--seed", "99999999999999999999"],
+        "--seed 99999999999999999999 must be < 2**32",
+    ),
+    (
+        "two nodes, no launcher",
+        "train",
+        ["--num_nodes", "2", "--devices", "1"],
+        "--num_nodes 2: start it on every node with torchrun, `fabric run` or SLURM's srun",
+    ),
+    (
+        "resume: config.yaml not UTF-8",
+        "train",
+        ["--resume", "{world}/runs/config_not_utf8"],
+        "config file {world}/runs/config_not_utf8/config.yaml cannot be read: 'utf-8' codec can't",
+    ),
+    (
+        "resume: provenance.yaml not YAML",
+        "train",
+        ["--resume", "{world}/runs/provenance_not_yaml"],
+        "{world}/runs/provenance_not_yaml/provenance.yaml: expected ',' or ']', but got '<stream "
+        "end>'; restore it, or move it away to resume without it",
+    ),
+    (
+        "resume: provenance.yaml a mapping",
+        "train",
+        ["--resume", "{world}/runs/provenance_a_mapping"],
+        "provenance_a_mapping/provenance.yaml: not a YAML list of launches; restore it, or move",
+    ),
+    (
+        "resume: metrics.csv not UTF-8",
+        "train",
+        ["--resume", "{world}/runs/metrics_not_utf8"],
+        "metrics_not_utf8/logs/csv/metrics.csv: 'utf-8' codec can't decode byte 0xff in position 18",
+    ),
+    (
+        "resume: metrics.csv without its step column",
+        "train",
+        ["--resume", "{world}/runs/metrics_without_step"],
+        "metrics_without_step/logs/csv/metrics.csv: no step column; restore it, or move it away",
+    ),
     ("seed of 2**32", "train", ["--seed", str(2**32)], f"--seed {2**32} must be < 2**32"),
     (
         "a removed strategy",

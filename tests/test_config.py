@@ -169,6 +169,7 @@ def test_numbers_in_a_config_file_are_read_as_a_user_writes_them(tmp_path):
     [
         ("optim:\n  epochz: 3\n", "epochz"),  # unknown key
         ("optim: [unclosed\n", "config file"),  # malformed YAML
+        ("a: " + "[" * 5000 + "]" * 5000, "cannot be read: maximum recursion depth exceeded"),
     ],
 )
 def test_bad_config_file_is_a_usage_error(tmp_path, content, needle):
@@ -284,7 +285,7 @@ def test_a_config_path_that_is_no_yaml_file_is_one_line_and_never_read_forever(t
         path = binary
         expected = [
             f"config file {binary} cannot be read: 'utf-8' codec can't decode byte 0x80 in "
-            "position 0: invalid start byte",
+            "position 0: invalid start byte"
         ]
         result = run_script("train.py", "--config_path", str(text), timeout=60)
         assert not marker.exists(), "the .pkl config file was unpickled"
@@ -418,6 +419,13 @@ def test_micro_batching_is_exact_for_any_world_size(args, expected):
             "--eff_batch_size 7 on 1 device(s) does not split into micro-batches of 2 to 4 "
             "(--max_batch_size_per_device); use e.g. 4 or 8",
         ),
+        (  # a prime: bounded work, not a search through 10**12 candidates
+            999_999_999_989,
+            1,
+            256,
+            "--eff_batch_size 999999999989 on 1 device(s) does not split into micro-batches of "
+            "128 to 256 (--max_batch_size_per_device); use e.g. 999999999744 or 1000000000000",
+        ),
     ],
 )
 def test_a_split_into_tiny_micro_batches_is_refused_with_sizes_that_split_well(
@@ -428,6 +436,15 @@ def test_a_split_into_tiny_micro_batches_is_refused_with_sizes_that_split_well(
             world
         )
     assert str(err.value) == expected
+
+
+def test_a_batch_or_a_dataset_too_large_for_any_machine_is_refused_up_front():
+    huge = validate(_unvalidated(["--eff_batch_size", str(2**40 + 1)]))
+    assert huge == [f"--eff_batch_size {2**40 + 1} must be <= 2**40"]
+    from task_config import DataConfig  # the template's own task: images held in memory
+
+    (problem,) = DataConfig(dataset="synthetic_cifar10", synthetic_size=10**11).problems()
+    assert problem == "--synthetic_size 100000000000 must be in [10, 10**6]"
 
 
 @pytest.mark.parametrize(("eff", "world"), [(64, 3), (10, 4), (2, 4)])

@@ -927,3 +927,42 @@ def test_a_write_that_fails_on_rank_0_stops_both_processes_in_one_line(fork, tmp
         reported[0],
     ), reported
     assert [p.name for p in (run_dir / "checkpoints").glob("step-*.ckpt")] == ["step-00000003.ckpt"]
+
+
+@pytest.mark.parametrize(
+    ("strategy", "killed"), [("fsdp", "rank 1"), ("ddp", "the launcher (rank 0)")]
+)
+def test_when_a_rank_dies_the_survivor_says_so_in_one_line_and_the_run_resumes(
+    fork, tmp_path, strategy, killed
+):
+    from test_resume import wait_for_step
+
+    root, flags = tmp_path / "runs", [*TWO_PROCESSES[:-1], strategy]
+    args = ["--root_dir", str(root), *LONG_RUN, "--checkpoint_every_n_steps", "2", *flags]
+    proc = subprocess.Popen(
+        [sys.executable, str(fork.path / "train.py"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=fork.path,
+    )
+    wait_for_step(root, 3, proc)
+    os.kill(rank_1_pid(proc.pid) if killed == "rank 1" else proc.pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=180)  # the pipe closes when the survivor is gone too
+    assert "Traceback" not in err, err[-3000:]
+    assert proc.returncode == (1 if killed == "rank 1" else -signal.SIGKILL)
+    survivor, prefix = ("0", "") if killed == "rank 1" else ("1", r"\[local rank 1\] ")
+    (line,) = [x for x in err.splitlines() if "error:" in x]
+    assert re.fullmatch(
+        rf"{prefix}error: another process of the run is gone \(({LOST})\): rank {survivor} "
+        r"stopped too; resume with --resume RUN_DIR",
+        line,
+    )
+    run_dir = only_run_dir(root)
+    newest = max((run_dir / "checkpoints").glob("step-*"))
+    resumed = fork.run("train.py", "--resume", str(run_dir), *flags, "--epochs", "1")  # shorter
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"Resuming from {newest}: step {int(newest.name[5:13])}, in epoch 1" in resumed.stdout
+
+
+LOST = "Connection reset by peer|Connection closed by peer|Broken pipe"

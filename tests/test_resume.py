@@ -91,7 +91,7 @@ CRASH_RUNNER = textwrap.dedent("""
         with open(path, "r+b") as f:
             f.truncate(os.path.getsize(path) // 2)
 
-    when, n = sys.argv[1], int(sys.argv[2])
+    when, n = sys.argv[1], int(sys.argv[2]) if sys.argv[2].isdigit() else sys.argv[2]
     if when == "mid_write":
         to_file = lambda obj, f, *args, **kwargs: isinstance(f, (str, os.PathLike))
         crash_on_call(torch, "save", n, before=half_written, counts=to_file)
@@ -134,6 +134,33 @@ CRASH_RUNNER = textwrap.dedent("""
     elif when == "move_into_place":  # how Fabric's own atomic save put a file written in $TMPDIR into place
         import shutil
         crash_on_call(shutil, "move", n)
+    elif when == "csv_rewrite":  # the write of metrics.csv that adds the column n dies half-way
+        from machinery import rundir
+        class Dying:
+            def __init__(self, f): self.f = f
+            def __enter__(self): return self
+            def __exit__(self, *exc): self.f.close()
+            def __getattr__(self, name): return getattr(self.f, name)
+            def write(self, text):
+                if n in text.partition(chr(10))[0]:
+                    self.f.write(text[: len(text) // 2])
+                    self.f.flush()
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return self.f.write(text)
+        def open_then_die(file, mode="r", *args, **kwargs):
+            f = open(file, mode, *args, **kwargs)
+            return Dying(f) if str(file).endswith("metrics.csv.tmp") else f
+        rundir.open = open_then_die
+    elif when == "ctrl_c_twice":  # Ctrl-C at the n-th step, and again before the first is acted on
+        from machinery import signals
+        handle = signals.StopSignals.handle
+        def pressed_again(self, signum, frame):
+            first = not self.received
+            handle(self, signum, frame)
+            if first:
+                os.kill(os.getpid(), signal.SIGINT)
+        signals.StopSignals.handle = pressed_again
+        crash_on_call(run.Run, "log_step", n, signum=signal.SIGINT)
     train.cli(sys.argv[3:])
 """)
 
@@ -616,6 +643,8 @@ def test_sigterm_during_the_last_validation_then_resume_finishes_the_run_once(fo
         and (run_dir / "curves.png").is_file()
     )
     assert "best val/mae" in finished.stdout
+    # The record as an uninterrupted run's, to its memory/* row at the end (issue 21, item 9).
+    assert logged_values(run_dir) == logged_values(fork.train(tmp_path / "whole", "--epochs", "2"))
     again = fork.call(
         "train.py", "--root_dir", str(root), "--resume", "auto"
     )  # a requeued job moves on
@@ -636,6 +665,52 @@ def crash(fork, when: str, n: int, *args: str) -> subprocess.CompletedProcess:
         cwd=fork.path,
         timeout=300,
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("column", ["val/", "memory/"])  # mid-run; at the end, before final.ckpt
+def test_a_kill_inside_a_rewrite_of_metrics_csv_loses_no_row(fork, tmp_path, reference, column):
+    root = tmp_path / "runs"
+    killed = crash(fork, "csv_rewrite", column, "--root_dir", str(root), *ARGS)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    run_dir = only_run_dir(root)
+    filled = [{k: v for k, v in row.items() if v} for row in logged_values(run_dir)]
+    whole = [{k: v for k, v in row.items() if v} for row in logged_values(reference)]
+    # As it was before the write that died: every row up to it, no column of the new kind.
+    header = list(logged_values(run_dir)[0])
+    assert filled == whole[: len(filled)] and not [k for k in header if k.startswith(column)]
+    resumed = fork.call("train.py", "--resume", str(run_dir))
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(run_dir, reference)
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_start_up_is_one_line(fork, tmp_path):
+    root = tmp_path / "runs"
+    proc = start_training(fork, root, *ARGS)
+    maps = Path(f"/proc/{proc.pid}/maps")
+    while proc.poll() is None and "libtorch" not in maps.read_text():  # importing torch
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and not out, out
+    assert err.strip() == "error: interrupted by Ctrl-C: stopped without saving"
+    assert not root.exists()  # nothing was written
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once_in_one_line_and_the_run_resumes_bitwise(
+    fork, tmp_path, reference
+):
+    root = tmp_path / "runs"
+    stopped = crash(fork, "ctrl_c_twice", 5, "--root_dir", str(root), *ARGS)
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    errors = [line for line in stopped.stderr.splitlines() if "error:" in line]
+    assert errors == ["error: a second Ctrl-C: stopped at once; the checkpoints on disk stay"]
+    assert "Traceback" not in stopped.stderr and "Stopped by" not in stopped.stdout
+    run_dir = only_run_dir(root)
+    assert fork.call("train.py", "--resume", str(run_dir)).returncode == 0
+    assert_same_run(run_dir, reference)
 
 
 @pytest.mark.slow

@@ -14,14 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import (
-    Fork,
-    max_abs_diff,
-    model_weights,
-    only_run_dir,
-    run_script,
-    snapshot,
-)
+from conftest import Fork, max_abs_diff, model_weights, only_run_dir, run_script, snapshot
 
 pytestmark = pytest.mark.slow
 
@@ -652,6 +645,12 @@ def test_every_run_records_its_provenance_and_test_py_names_it(fork, tmp_path):
     assert tested.returncode == 0, tested.stderr[-2000:]
     assert f"| commit {commit[:12]} + code-0.patch\n" in tested.stdout
     assert json.loads((run_dir / "test" / "metrics.json").read_text())["provenance"] == entry
+    # Not YAML, not a list, odd types: test.py reads around a hand-damaged record.
+    for damaged in ("- [unclosed\n", "step: 3\n", "- {git_commit: 7, command: [1]}\n"):
+        (run_dir / "provenance.yaml").write_text(damaged)
+        tested = fork.call("test.py", "--out_dir", str(run_dir), "--checkpoint", "final")
+        assert tested.returncode == 0 and "Traceback" not in tested.stderr, tested.stderr
+        assert "Trained by: " in tested.stdout
 
 
 def test_ema_follows_its_recurrence_and_validation_and_test_py_judge_it(fork, tmp_path):
@@ -856,14 +855,7 @@ def test_compare_py_compares_runs_and_aggregates_seeds_of_one_recipe(fork, tmp_p
     # Runs that share an --out_dir are seeds of one recipe.
     seeds = [
         fork.train(
-            tmp_path / "runs",
-            *args,
-            "--lr",
-            "0.003",
-            "--seed",
-            str(seed),
-            "--out_dir",
-            "seeds",
+            tmp_path / "runs", *args, "--lr", "0.003", "--seed", str(seed), "--out_dir", "seeds"
         )
         for seed in (1, 2, 3)
     ]
@@ -908,6 +900,16 @@ def test_compare_py_compares_runs_and_aggregates_seeds_of_one_recipe(fork, tmp_p
     assert redrawn.returncode == 0, redrawn.stderr
     assert redrawn.stdout.strip() == f"Wrote {other / 'curves.png'}"
     assert_real_png(other / "curves.png")
+
+    # Hand-damaged files are read around: hparams.yaml not YAML, or of odd types; a word for a number.
+    csv_file = other / "logs" / "csv" / "metrics.csv"
+    columns = csv_file.read_text().splitlines()[0].count(",")
+    csv_file.write_text(csv_file.read_text() + "999," + ",".join(["abc"] * columns) + "\n")
+    for hparams in ("monitor_used: [unclosed\n", "monitor_used: [1]\nmonitor_mode_used: 3\n"):
+        (other / "logs" / "csv" / "hparams.yaml").write_text(hparams)
+        read_around = fork.run("tools/compare.py", str(other), str(seeds[0]), "--out", str(out))
+        assert read_around.returncode == 0 and not read_around.stderr, read_around.stderr
+        assert read_around.stdout.split()[:4] == ["recipe", "runs", "best", "val/loss"]
 
 
 def test_a_gradient_norm_added_in_train_py_is_logged_as_train_grad_norm(tmp_path):

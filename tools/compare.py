@@ -17,8 +17,8 @@ from machinery.rundir import save_figure  # noqa: E402
 
 
 def monitor(run: Path) -> tuple[str, str]:
-    logged = hparams(run)
-    return logged.get("monitor_used", "val/loss"), logged.get("monitor_mode_used", "min")
+    metric, mode = map(hparams(run).get, ("monitor_used", "monitor_mode_used"))
+    return metric if isinstance(metric, str) else "val/loss", mode if mode == "max" else "min"
 
 
 def mean_std(values: list[float]) -> str:
