@@ -36,15 +36,15 @@ class HardwareConfig:
     """Where and how to run (lightning.fabric.Fabric)."""
 
     accelerator: Accelerator = choice("auto")
-    """Accelerator: auto, cpu, cuda, gpu, mps or tpu."""
+    """auto, cpu, cuda, gpu, mps or tpu."""
     devices: str = "auto"
     """Devices per node: a count, ids (0,1), -1 (all) or auto."""
     num_nodes: int = 1
     """Number of machines."""
     strategy: Literal["auto", "ddp", "fsdp"] = choice("auto")
-    """Strategy: auto, ddp or fsdp (FSDP2, sharded)."""
+    """auto, ddp or fsdp (FSDP2, sharded)."""
     precision: Precision = choice("32-true")
-    """Precision: 32-true, 16-mixed, bf16-mixed, 16-true, bf16-true or 64-true."""
+    """32-true, 16-mixed, bf16-mixed, 16-true, bf16-true or 64-true."""
     compile: bool = False
     """torch.compile the model."""
     channels_last: bool = False
@@ -76,7 +76,7 @@ class OptimConfig:
     warmup: float = 1.0
     """Linear warmup in epochs (may be fractional), then cosine decay."""
     optimizer: Literal["adamw", "sgd"] = choice("adamw")
-    """Optimizer: adamw or sgd (momentum 0.9)."""
+    """adamw or sgd (momentum 0.9)."""
     weight_decay: float = 0.01
     """Weight decay."""
     grad_clip: float = 1.0
@@ -211,9 +211,9 @@ class TestConfig:
     checkpoint: str = "best"
     """best, last (newest periodic), final, or a .ckpt file."""
     weights: Literal["auto", "ema", "raw"] = choice("auto")
-    """Weights: ema, raw, or auto (those validation judged)."""
+    """ema, raw, or auto (those validation judged)."""
     accelerator: Accelerator = choice("auto")
-    """Accelerator: auto, cpu, cuda, gpu, mps or tpu."""
+    """auto, cpu, cuda, gpu, mps or tpu."""
     devices: str = "1"
     """Devices (the results do not depend on it)."""
     batch_size: int = 256

@@ -14,7 +14,7 @@ from machinery.errors import exit_on_usage_error
 from machinery.rundir import atomic_write_text, find_checkpoint
 
 if __name__ == "__main__":  # before the imports below (~5 s): --help and bad input answer at once
-    with exit_on_usage_error():
+    with exit_on_usage_error(ctrl_c=True):  # and Ctrl-C is one line from here on
         CLI_CONFIG = parse_test_config()
 
 from lightning.fabric import Fabric

@@ -12,7 +12,7 @@ from machinery.cli import parse_train_config
 from machinery.errors import exit_on_usage_error
 
 if __name__ == "__main__":  # before the imports below (~5 s): --help and bad input answer at once
-    with exit_on_usage_error():
+    with exit_on_usage_error(ctrl_c=True):  # and Ctrl-C is one line from here on
         CLI_CONFIG = parse_train_config()
 
 import torch  # noqa: E402

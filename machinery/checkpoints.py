@@ -304,7 +304,7 @@ def verify_sharded(path: Path, cannot: str) -> None:
 
 
 class MetadataUnpickler(pickle.Unpickler):
-    """Only what DCP's .metadata holds (names, not imports)."""
+    """Only what DCP's .metadata holds."""
 
     KNOWN = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}
     KNOWN.add(("torch.distributed.checkpoint.filesystem", "_StorageInfo"))

@@ -11,6 +11,7 @@ from typing import Any, NoReturn
 # Set while a process calls fabric.launch: the processes it starts inherit it.
 LAUNCHER_ENV = "TEMPLATE_LAUNCHER_PID"
 STARTED_BY_LAUNCHER = os.environ.get(LAUNCHER_ENV) == str(os.getppid())
+MAIN_PID = os.getpid()
 
 
 class UsageError(Exception):
@@ -43,22 +44,21 @@ class FilesystemError(UsageError):
 
 def interrupted(signum: int = 2, frame: Any = None, said: str = "") -> NoReturn:
     """Ctrl-C outside the loop (where it saves first), or a second one."""
+    if os.getpid() != MAIN_PID:  # a DataLoader worker
+        raise KeyboardInterrupt
     if not STARTED_BY_LAUNCHER:  # the launcher's own line is enough
         print(f"error: {said or 'interrupted by Ctrl-C: stopped without saving'}", file=sys.stderr)
     sys.exit(130)
 
 
 class LostProcess(UsageError):
-    """Each survivor says so: the one gone may be the launcher."""
-
     exit_code = 1
 
 
 @contextlib.contextmanager
-def exit_on_usage_error() -> Iterator[None]:
-    """From here on, Ctrl-C too (during the imports that follow)."""
-    main = threading.current_thread() is threading.main_thread()
-    if main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+def exit_on_usage_error(ctrl_c: bool = False) -> Iterator[None]:
+    """`ctrl_c`: Ctrl-C is one line too, from here on."""
+    if ctrl_c and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, interrupted)
     try:
         yield
@@ -66,7 +66,7 @@ def exit_on_usage_error() -> Iterator[None]:
         if "--debug" in sys.argv:
             raise
         err = FilesystemError.of(raised) if isinstance(raised, OSError) else raised
-        # The launcher reports for those it started, unless the filesystem error is theirs.
+        # The launcher reports for those it started, but for their own disk and a lost launcher.
         if not STARTED_BY_LAUNCHER or isinstance(err, (FilesystemError, LostProcess)):
             prefix = f"[local rank {os.environ.get('LOCAL_RANK')}] " if STARTED_BY_LAUNCHER else ""
             for problem in err.problems:

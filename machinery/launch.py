@@ -54,12 +54,10 @@ def make_fabric(
     precision: str = "32-true",
     loggers: list | None = None,
 ) -> Fabric:
-    launchers = (envs.SLURMEnvironment, envs.TorchElasticEnvironment, envs.LSFEnvironment)
+    launchers = [getattr(envs, f"{n}Environment") for n in ("SLURM", "TorchElastic", "LSF", "MPI")]
     if num_nodes > 1 and "NODE_RANK" not in os.environ and not any(e.detect() for e in launchers):
-        raise UsageError(
-            f"--num_nodes {num_nodes}: start it on every node with torchrun, `fabric run` or "
-            "SLURM's srun (docs/scaling.md); started plainly it would wait for nodes forever"
-        )
+        where = "every node with torchrun, `fabric run` or SLURM's srun"
+        raise UsageError(f"--num_nodes {num_nodes}: start it on {where}, or it waits forever")
     options = dict(accelerator=accelerator, devices=devices, num_nodes=num_nodes, loggers=loggers)
     plugins, named, chosen = [], precision, strategy
     try:
@@ -115,12 +113,14 @@ def checkpoint_activations(model: torch.nn.Module) -> None:
 def call_then_leave_process_group(function: Callable, cfg: Any, fabric: Fabric) -> Any:
     try:
         return function(fabric, cfg)
-    except RuntimeError as err:  # torch.distributed's too: a collective lost its peer
-        lost = re.search(r"Connection (reset|closed) by peer|Broken pipe|NCCL error", str(err))
+    except RuntimeError as err:  # a lost peer?
+        lost = re.search(
+            r"Connection (reset|closed) by peer|Broken pipe|remote process exit", str(err)
+        )
         if fabric.world_size == 1 or not lost:
             raise
         where = f"another process of the run is gone ({lost[0]}): rank {fabric.global_rank}"
-        raise LostProcess(f"{where} stopped too; resume with --resume RUN_DIR") from None
+        raise LostProcess(f"{where} stopped too; the checkpoints on disk stay") from err
     finally:
         if torch.distributed.is_initialized():  # exiting with the group up may abort
             torch.distributed.destroy_process_group()

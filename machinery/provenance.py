@@ -1,6 +1,7 @@
 """RUN_DIR/provenance.yaml: an entry per launch (command, versions, hardware, git commit)."""
 
 import contextlib
+import itertools
 import platform
 import shlex
 import socket
@@ -30,11 +31,12 @@ def record_provenance(run_dir: Path, step: int, world_size: int, launch: dict) -
         or [platform.processor() or platform.machine()],
         **launch,
     }
-    entries = read_entries(run_dir)  # a resume checked it first
+    entries = read_entries(run_dir)
     if commit := git("rev-parse", "HEAD").strip():
         entry["git_commit"] = commit
         if patch := git("diff", "HEAD", "--", "."):  # the template's files, even in a larger repo
-            entry["uncommitted_changes"] = f"code-{len(entries)}.patch"
+            names = (f"code-{n}.patch" for n in itertools.count(len(entries)))
+            entry["uncommitted_changes"] = next(n for n in names if not (run_dir / n).exists())
             atomic_write_text(run_dir / entry["uncommitted_changes"], patch)
     text = yaml.safe_dump([*entries, entry], sort_keys=False)
     atomic_write_text(run_dir / "provenance.yaml", text)

@@ -126,7 +126,7 @@ class Run(contextlib.ExitStack):
 
     def finish(self) -> None:
         state, fabric, best = self.state, self.fabric, self.state["best"]
-        # The record's end first: a stop before final.ckpt finishes it again, from the same step.
+        # The record's end first: a stop before final.ckpt redoes it.
         memory = debug.memory_per_process(state["model"], state["optimizer"], fabric.device)
         fabric.log_dict({f"memory/{k}": v for k, v in memory.items()}, step=state["global_step"])
         if fabric.is_global_zero:

@@ -130,7 +130,7 @@ def save_figure(figure: Any, path: Path) -> None:
 
 
 def record_problems(run_dir: Path) -> list[str]:
-    """What a resume appends to is as the template writes it, or a line says why."""
+    """A line for each file a resume appends to that is not as written."""
     problems, fix = [], "restore it, or move it away to resume without it"
     for path in (run_dir / "provenance.yaml", run_dir / "logs/csv/metrics.csv"):
         try:

@@ -699,6 +699,20 @@ def test_ctrl_c_during_start_up_is_one_line(fork, tmp_path):
 
 
 @pytest.mark.slow
+def test_ctrl_c_from_a_terminal_reaches_the_loader_workers_too_and_they_say_nothing(fork, tmp_path):
+    root = tmp_path / "runs"
+    proc = start_training(fork, root, *ARGS, "--epochs", "40", "--num_workers", "2")
+    wait_for_step(root, 4, proc)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True)
+    assert len(workers.stdout.split()) >= 2  # the two persistent loader workers
+    for pid in [proc.pid, *map(int, workers.stdout.split())]:
+        os.kill(pid, signal.SIGINT)  # as a terminal's Ctrl-C: every process of the job
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Stopped by SIGINT at step" in out, err[-2000:]
+    assert "error:" not in err and "Traceback" not in err, err[-2000:]
+
+
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once_in_one_line_and_the_run_resumes_bitwise(
     fork, tmp_path, reference
 ):
