@@ -100,9 +100,9 @@ def run_template(epochs: int, extra_args: tuple[str, ...] = ()) -> dict[str, Any
     the training DataLoader's iterator is timed, and so are the checkpoint saves."""
     stamps, data_wait, saves = [], [0.0], []
 
-    def clocked_update(progress: machinery.progress.Progress) -> None:
+    def clocked_log_step(run: machinery.run.Run, *args: Any) -> None:  # after each optimizer step
         stamps.append(time.perf_counter())
-        update(progress)
+        log_step(run, *args)
 
     def timed_loader(*args: Any, **kwargs: Any) -> Any:
         loader = make_train_loader(*args, **kwargs)
@@ -135,15 +135,15 @@ def run_template(epochs: int, extra_args: tuple[str, ...] = ()) -> dict[str, Any
         write(*args, **kwargs)
         writes.append(time.perf_counter() - start)
 
-    save_checkpoint, write, update = (
+    save_checkpoint, write, log_step = (
         checkpoints.save_checkpoint,
         checkpoints.write_and_publish,
-        machinery.progress.Progress.update,
+        machinery.run.Run.log_step,
     )
     writes: list[float] = []
     with (
         tempfile.TemporaryDirectory() as root,
-        _patched(machinery.progress.Progress, "update", clocked_update),
+        _patched(machinery.run.Run, "log_step", clocked_log_step),
         _patched(machinery.sampler, "make_train_loader", timed_loader),  # what make_loaders calls
         _patched(
             machinery.run, "save_checkpoint", timed_save

@@ -6,7 +6,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
-from typing import Any, NoReturn
+from typing import Any
 
 # Set while a process calls fabric.launch: the processes it starts inherit it.
 LAUNCHER_ENV = "TEMPLATE_LAUNCHER_PID"
@@ -42,10 +42,10 @@ class FilesystemError(UsageError):
         return cls(f"{err.strerror or err}{': ' + where if where else ''}")
 
 
-def interrupted(signum: int = 2, frame: Any = None, said: str = "") -> NoReturn:
+def interrupted(signum: int = 2, frame: Any = None, said: str = "") -> None:
     """Ctrl-C outside the loop (where it saves first), or a second one."""
-    if os.getpid() != MAIN_PID:  # a DataLoader worker
-        raise KeyboardInterrupt
+    if os.getpid() != MAIN_PID:  # a DataLoader worker: the main process stops it
+        return
     if not STARTED_BY_LAUNCHER:  # the launcher's own line is enough
         print(f"error: {said or 'interrupted by Ctrl-C: stopped without saving'}", file=sys.stderr)
     sys.exit(130)
