@@ -75,6 +75,7 @@ def test_bad_task_input_is_one_clear_line_and_creates_no_run(tmp_path, capsys, a
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow  # a real process that imports torchvision to check --model
 def test_bad_values_are_all_reported_at_once_through_a_real_process(tmp_path):
     result = run_script(
         "train.py",
