@@ -73,6 +73,8 @@ class ImageTensorDataset(Dataset):
 
 def load_splits(cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset, Dataset, DataInfo]:
     fit, test, info = globals()[cfg.dataset](cfg)
+    if isinstance(fit, tuple):  # (train, val): a streamed dataset comes split
+        return *fit, test, info
     order = torch.randperm(len(fit), generator=torch.Generator().manual_seed(seed))
     val, train = order.tensor_split([int(len(fit) * VAL_FRACTION)])
     if isinstance(fit, ImageTensorDataset):
@@ -114,6 +116,29 @@ def synthetic_cifar10(cfg: DataConfig) -> Splits:
     augment = CropFlip() if cfg.augment else None
     info = DataInfo(10, 3, tuple(f"class {i}" for i in range(10)), augment)
     return full.subset(slice(n)), full.subset(slice(n, None)), info
+
+
+def streamed(cfg: DataConfig) -> Splits:
+    """Chunks of `python tools/stream.py` in --data_dir, a folder or object storage (s3://...).
+    The training split is streamed by litdata's loader; val and test are read in order."""
+    from machinery.stream import open_splits
+
+    found = open_splits(cfg.data_dir, Normalise)
+    info, names = found["info"], tuple(found["info"]["class_names"])
+    augment = CropFlip() if info["crop_flip"] and cfg.augment else None
+    data_info = DataInfo(info["num_classes"], info["in_channels"], names, augment)
+    return (found["train"], found["val"]), found["test"], data_info
+
+
+class Normalise:
+    """A streamed sample {"image": uint8 tensor, "label": int}, as ImageTensorDataset serves it."""
+
+    def __init__(self, info: dict) -> None:
+        self.mean, self.std = (torch.tensor(info[k]).view(-1, 1, 1) for k in ("mean", "std"))
+        self.scale = info["scale"]
+
+    def __call__(self, sample: dict) -> tuple:
+        return (sample["image"].float() / self.scale - self.mean) / self.std, sample["label"]
 
 
 def _torchvision(

@@ -9,6 +9,7 @@ DATASETS = {
     "fashion_mnist": "Fashion-MNIST clothes (28x28, 60k + 10k), downloaded into --data_dir",
     "cifar10": "CIFAR-10 colour images (32x32, 50k + 10k), downloaded into --data_dir",
     "synthetic_cifar10": "random CIFAR-10-shaped images (--synthetic_size + 1/5): speed, offline",
+    "streamed": "litdata chunks from tools/stream.py in --data_dir (a folder, or s3://...)",
 }
 
 MODELS = {
@@ -26,7 +27,7 @@ class DataConfig:
     dataset: str = "digits"
     """A name from DATASETS (listed at the end of --help)."""
     data_dir: str = "data"
-    """Where the torchvision datasets are downloaded to and read from."""
+    """Where the torchvision datasets are downloaded to and read from; streamed's chunks."""
     augment: bool = True
     """Augment training batches on the device: CIFAR-10 gets a random crop and flip, digits none."""
     synthetic_size: int = 50_000

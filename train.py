@@ -27,7 +27,7 @@ from machinery.checkpoints import init_weights  # noqa: E402
 from machinery.ema import EMA  # noqa: E402
 from machinery.resume import resume  # noqa: E402
 from machinery.run import Run, best_checkpoint_rule  # noqa: E402
-from machinery.sampler import GlobalBatchSampler, first_samples, make_loaders  # noqa: E402
+from machinery.sampler import first_samples, make_loaders  # noqa: E402
 from machinery.schedule import lr_factor, lr_schedule  # noqa: E402
 from model import build_model  # noqa: E402
 
@@ -35,17 +35,16 @@ FAST_RUN_BATCHES = 2  # --fast_run: optimizer steps per epoch, and validation ba
 
 
 def main(fabric: Fabric, cfg: TrainConfig) -> None:
-    batch_size, accum_steps = cfg.optim.micro_batching(fabric.world_size)  # per device, per step
+    accum_steps = cfg.optim.micro_batching(fabric.world_size)[1]  # micro-batches per step
     lr = cfg.optim.learning_rate()  # scaled to eff_batch_size by --lr_scaling_rule
     with fabric.rank_zero_first(local=True):  # a download happens once per node
         train_set, val_set, _, info = load_splits(cfg.data, cfg.seed)
     if overfit := cfg.debug.overfit_batches:  # the same few batches to train and validate on
         train_set = val_set = first_samples(train_set, overfit * cfg.optim.eff_batch_size)
-    # The same global batches at any world size (each rank takes its slice); resumable anywhere.
+    # Map-style data: the same global batches at any world size (each rank takes its slice),
+    # resumable anywhere. Streamed data: litdata's loader; its position is in every checkpoint.
     fast = FAST_RUN_BATCHES if cfg.fast_run else None
-    sizes = (cfg.optim.eff_batch_size, batch_size, fabric.global_rank, fabric.world_size)
-    sampler = GlobalBatchSampler(len(train_set), *sizes, cfg.seed, fast)
-    train_loader, val_loader = make_loaders(fabric, cfg, train_set, val_set, sampler, batch_size)
+    sampler, train_loader, val_loader = make_loaders(fabric, cfg, train_set, val_set, fast)
 
     fabric.seed_everything(cfg.seed)  # the same initial weights on every rank
     with fabric.rank_zero_first(local=True), fabric.init_module():  # a download once per node
@@ -77,6 +76,7 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
         "sums": {},  # what run.track summed on the device since the last log step
         "summed_steps": 0,
         **({"ema": ema} if ema else {}),
+        **({"stream": sampler} if hasattr(sampler, "state_dict") else {}),  # litdata's position
     }
     if cfg.resume and not resume(fabric, cfg, state, steps_per_epoch, lr):  # loaded: any left?
         return

@@ -5,7 +5,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset
 
 from machinery.errors import UsageError
 
@@ -44,21 +44,40 @@ class GlobalBatchSampler(Sampler[list[int]]):
             yield from (chunk.tolist() for chunk in batch.split(self.batch_size))
 
 
-def make_loaders(
-    fabric: Any, cfg: Any, train_set: Dataset, val_set: Dataset, sampler: Any, batch_size: int
-) -> tuple[Any, Any]:
+def make_loaders(fabric: Any, cfg: Any, train: Any, val: Dataset, fast: Any) -> tuple:
+    """(sampler, train loader, val loader). A streamed (iterable) training set gets litdata's
+    loader, whose batches depend on the world size; map-style data the GlobalBatchSampler."""
+    (batch_size, accum), workers = (
+        cfg.optim.micro_batching(fabric.world_size),
+        cfg.hardware.num_workers,
+    )
+    rank, world_size, streamed = (
+        fabric.global_rank,
+        fabric.world_size,
+        isinstance(train, IterableDataset),
+    )
+    if streamed:
+        from machinery.stream import StreamedBatches
+
+        sampler = loader_ = StreamedBatches(fabric, train, batch_size, accum, cfg, fast)
+    else:
+        sizes = (cfg.optim.eff_batch_size, batch_size, rank, world_size, cfg.seed, fast)
+        sampler = GlobalBatchSampler(len(train), *sizes)
     if sampler.steps_per_epoch == 0:
+        samples = len(train) * (world_size if streamed else 1)
         raise UsageError(
             f"--eff_batch_size {cfg.optim.eff_batch_size} is larger than the "
-            f"{len(train_set)} training samples: no full batch fits in an epoch"
+            f"{samples} training samples: no full batch fits in an epoch"
         )
-    if len(val_set) == 0:
+    if len(val) == 0:
         problem = f"--dataset {cfg.data.dataset}: the validation split is empty; use more data"
         raise UsageError(problem)
-    workers, rank, world_size = cfg.hardware.num_workers, fabric.global_rank, fabric.world_size
-    train = make_train_loader(train_set, sampler, workers)
-    val = make_eval_loader(val_set, batch_size, rank, world_size, workers)
-    return fabric.setup_dataloaders(train, val, use_distributed_sampler=False)
+    val_loader = make_eval_loader(val, batch_size, rank, world_size, workers)
+    if streamed:
+        return sampler, loader_, fabric.setup_dataloaders(val_loader, use_distributed_sampler=False)
+    train_loader = make_train_loader(train, sampler, workers)
+    loaders = fabric.setup_dataloaders(train_loader, val_loader, use_distributed_sampler=False)
+    return sampler, *loaders
 
 
 def make_train_loader(dataset: Dataset, sampler: Sampler, num_workers: int) -> DataLoader:
@@ -81,6 +100,8 @@ def loader(dataset: Dataset, **options: Any) -> DataLoader:
 
 
 def first_samples(dataset: Dataset, count: int) -> Dataset:
+    if isinstance(dataset, IterableDataset):
+        raise UsageError("--overfit_batches needs a map-style dataset, not a streamed one")
     subset = Subset(dataset, range(min(count, len(dataset))))
     subset.collate_fn = getattr(dataset, "collate_fn", None)
     return subset
