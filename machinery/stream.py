@@ -61,13 +61,20 @@ def open_splits(root: str, transform: Any) -> dict[str, Any]:
 def dataset(where: str, transform: Any) -> Any:
     from litdata import StreamingDataset
 
-    train = where.endswith("/train")
+    train, remote = where.endswith("/train"), "://" in where
+    length = 0 if remote else checked_length(where, Path(where))  # before litdata parses it
     data = StreamingDataset(where, shuffle=train, drop_last=train or None, transform=transform)
+    if remote:  # litdata fetched it into its cache
+        length = checked_length(where, Path(data.input_dir.path))
+    return data if train else Ordered(data, length)
+
+
+def checked_length(where: str, folder: Path) -> int:
     try:
-        index = json.loads(Path(data.input_dir.path, "index.json").read_text())
+        index = json.loads((folder / "index.json").read_text())
         formats, chunks = index["config"]["data_format"], index["chunks"]
         length = sum(int(c["chunk_size"]) for c in chunks)
-    except (ValueError, TypeError, KeyError):
+    except (OSError, ValueError, TypeError, KeyError):
         raise UsageError(
             f"{where}/index.json is not litdata's; convert with tools/stream.py"
         ) from None
@@ -75,7 +82,7 @@ def dataset(where: str, transform: Any) -> Any:
         raise UsageError(f"{where}/index.json: refused, its items need {sorted(unsafe)} to load")
     if not length:
         raise UsageError(f"{where}: the split is empty; convert a dataset with tools/stream.py")
-    return data if train else Ordered(data, length)
+    return length
 
 
 class Ordered:
