@@ -49,8 +49,6 @@ class HardwareConfig:
     """torch.compile the model."""
     channels_last: bool = False
     """Conv weights in channels_last memory format."""
-    activation_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory."""
     num_workers: int = 0
     """DataLoader workers per device; 0: the main process."""
 

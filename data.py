@@ -119,19 +119,21 @@ def synthetic_cifar10(cfg: DataConfig) -> Splits:
 
 
 def streamed(cfg: DataConfig) -> Splits:
-    """Chunks of `python tools/stream.py` in --data_dir, a folder or object storage (s3://...).
-    The training split is streamed by litdata's loader; val and test are read in order."""
+    """tools/stream.py's chunks in --data_dir (a folder or s3://...): train streamed by litdata."""
     from machinery.stream import open_splits
 
     found = open_splits(cfg.data_dir, Normalise)
-    info, names = found["info"], tuple(found["info"]["class_names"])
-    augment = CropFlip() if info["crop_flip"] and cfg.augment else None
-    data_info = DataInfo(info["num_classes"], info["in_channels"], names, augment)
-    return (found["train"], found["val"]), found["test"], data_info
+    try:
+        i = found["info"]
+        augment = CropFlip() if i["crop_flip"] and cfg.augment else None
+        info = DataInfo(i["num_classes"], i["in_channels"], tuple(i["class_names"]), augment)
+    except (KeyError, TypeError):
+        raise UsageError(f"--data_dir {cfg.data_dir}: info/ is not tools/stream.py's") from None
+    return (found["train"], found["val"]), found["test"], info
 
 
 class Normalise:
-    """A streamed sample {"image": uint8 tensor, "label": int}, as ImageTensorDataset serves it."""
+    """A sample {"image": uint8 tensor, "label": int} as ImageTensorDataset serves it."""
 
     def __init__(self, info: dict) -> None:
         self.mean, self.std = (torch.tensor(info[k]).view(-1, 1, 1) for k in ("mean", "std"))

@@ -81,7 +81,7 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
     if cfg.resume and not resume(fabric, cfg, state, steps_per_epoch, lr):  # loaded: any left?
         return
 
-    with Run(fabric, cfg, state, steps_per_epoch, first_batch, info) as run:  # run dir, logs
+    with Run(fabric, cfg, state, steps_per_epoch) as run:  # run dir, logs
         for epoch in range(state["epoch"], run.last_epoch):
             model.train()
             sampler.set_position(epoch, state["sample_offset"])  # the epoch is ours, not Fabric's
@@ -112,7 +112,7 @@ def main(fabric: Fabric, cfg: TrainConfig) -> None:
                 val = evaluate(fabric, model, val_loader, metrics, fast)
             if run.end_epoch(epoch, val):  # log, best.ckpt, checkpoints; True: out of patience
                 break
-        run.finish()  # final.ckpt, curves.png, the summary
+        run.finish()  # final.ckpt and the summary
 
 
 @torch.no_grad()

@@ -199,19 +199,18 @@ def load_newest_checkpoint(fabric: Fabric, run_dir: Path, state: dict) -> tuple[
         fabric.print(
             f"warning: ignoring {link}: a link is never this run's checkpoint", file=sys.stderr
         )
-    candidates = resume_candidates(where)
-    for i, path in enumerate(candidates):
-        try:
-            remainder = load_checkpoint(fabric, path, state)
-            for later in (p for p in candidates[i + 1 :] if checkpoint_step(p) < 0):
-                try:
-                    verify(later)
-                except UsageError as err:
-                    failed.append((later, f"warning: skipping an unloadable checkpoint: {err}"))
-            _damaged[:] = failed
-            return path, remainder
+    loaded = None
+    for path in resume_candidates(where):
+        try:  # past the one loaded, those with no readable step are checked
+            if not loaded:
+                loaded = path, load_checkpoint(fabric, path, state)
+            elif checkpoint_step(path) < 0:
+                verify(path)
         except UsageError as err:
             failed.append((path, f"warning: skipping an unloadable checkpoint: {err}"))
+    if loaded:
+        _damaged[:] = failed
+        return loaded
     for _, warning in failed:
         fabric.print(warning, file=sys.stderr)
     n = f" ({len(failed)} could not be loaded)" if failed else ""

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Literal, NoReturn, Optional, Union, get_args, get_origin
+from typing import Any, Literal, NoReturn, Union, get_args, get_origin
 
 import simple_parsing
 import yaml
@@ -43,7 +43,7 @@ def make_parser(config_class: type) -> Parser:
     return parser
 
 
-def parse(config_class: type, argv: Optional[Sequence[str]], defaults: Path | None = None) -> Any:
+def parse(config_class: type, argv: Sequence[str] | None, defaults: Path | None = None) -> Any:
     parser = make_parser(config_class)
     if defaults:
         parser.set_defaults(defaults)
@@ -99,7 +99,7 @@ def typed(values: dict, config_class: type, path: Any) -> dict:
     return nested
 
 
-def parse_train_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+def parse_train_config(argv: Sequence[str] | None = None) -> TrainConfig:
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg = parse(TrainConfig, argv)
     if cfg.resume == "auto":
@@ -161,7 +161,7 @@ def load_train_config(path: Path) -> TrainConfig:
     return cfg
 
 
-def parse_test_config(argv: Optional[Sequence[str]] = None) -> TestConfig:
+def parse_test_config(argv: Sequence[str] | None = None) -> TestConfig:
     cfg = parse(TestConfig, argv)
     if problems := validate(cfg):
         raise UsageError(*problems)

@@ -1,12 +1,9 @@
-"""--detect_anomaly, --deterministic (off by default), FLOPs (on the meta device) and memory."""
+"""--detect_anomaly, --deterministic (off by default) and memory."""
 
 import os
-import warnings
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
-from lightning.fabric.utilities.throughput import measure_flops
 
 
 def set_debug_modes(cfg: Any) -> None:
@@ -15,20 +12,6 @@ def set_debug_modes(cfg: Any) -> None:
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
         torch.backends.cudnn.benchmark = False
-
-
-def training_flops(arch: Any, info: Any, batch: Any) -> int | None:
-    """None, with a warning, where they cannot be counted."""
-    import task
-    from model import build_model
-
-    try:
-        with torch.device("meta"), torch.autograd.set_detect_anomaly(False):  # NaN checks need data
-            model, batch = build_model(arch, info, False), move_data_to_device(batch, "meta")
-            return measure_flops(model, lambda: task.forward(model, batch)[0], lambda loss: loss)
-    except Exception as err:  # noqa: BLE001 - throughput without FLOPs is still worth having
-        why = f"the FLOPs cannot be counted on the meta device ({err!r:.200})"
-        warnings.warn(f"no FLOPs/s or MFU: {why}", stacklevel=2)
 
 
 def memory_per_process(model: torch.nn.Module, optimizer: Any, device: Any) -> dict[str, float]:

@@ -72,8 +72,8 @@ def make_fabric(
             world_size = Fabric(**options, strategy="ddp").world_size
             sizes = {"data_parallel_size": world_size, "tensor_parallel_size": 1}
             chosen = ModelParallelStrategy(getattr(model, "parallelize", default), **sizes)
-            double = precision == "64-true"  # Fabric refuses the name for FSDP2, not the plugin
-            plugins, named = ([DoublePrecision()], None) if double else ([], named)
+            if precision == "64-true":  # Fabric refuses the name for FSDP2, not the plugin
+                plugins, named = [DoublePrecision()], None
         return Fabric(**options, strategy=chosen, precision=named, plugins=plugins)
     except (ValueError, RuntimeError, TypeError, ImportError) as err:
         flags = f"--accelerator {accelerator} --devices {devices} --num_nodes {num_nodes}"
@@ -93,21 +93,11 @@ def shard_layers(model: torch.nn.Module, mesh: Any, mp_policy: Any) -> torch.nn.
 
 
 def setup_model(fabric: Fabric, model: torch.nn.Module, hw: Any) -> Any:
-    if hw.activation_checkpointing:
-        checkpoint_activations(model)
     if hw.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if fabric.device.type == "cuda":
         torch.set_float32_matmul_precision("high")
     return fabric.setup_module(torch.compile(model) if hw.compile else model)
-
-
-def checkpoint_activations(model: torch.nn.Module) -> None:
-    from torch.utils.checkpoint import checkpoint
-
-    for block in model.children():
-        if any(True for _ in block.parameters()):
-            block.forward = partial(checkpoint, block.forward, use_reentrant=False)
 
 
 def call_then_leave_process_group(function: Callable, cfg: Any, fabric: Fabric) -> Any:

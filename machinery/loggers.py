@@ -1,6 +1,5 @@
 """metrics.csv (a kill leaves it whole), TensorBoard, wandb; a resume continues them."""
 
-import contextlib
 import csv
 import io
 import os
@@ -49,11 +48,11 @@ class RunLogger(Logger):
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         for logger in self.loggers:
             logger.log_metrics(metrics, step)
-        row = {"step": step, **metrics}
         if rank_zero_only.rank > 0:
             return
-        if set(row) - set(self.columns):
-            self.columns += [k for k in row if k not in self.columns]
+        row = {"step": step, **metrics}
+        if new := [k for k in row if k not in self.columns]:
+            self.columns += new
             self.rewrite([*read_rows(self.csv)[1], row] if self.csv.is_file() else [row])
             return
         with open(self.csv, "a", newline="", opener=nofollow) as f:
@@ -84,13 +83,6 @@ def read_rows(path: Path) -> tuple[list[str], list[dict]]:
         reader = csv.DictReader(f)
         rows = [r for r in reader if None not in (*r, *r.values()) and r.get("step", "").isdigit()]
         return list(reader.fieldnames or ["step"]), rows
-
-
-def hparams(run_dir: Path) -> dict:
-    with contextlib.suppress(OSError, yaml.YAMLError, UnicodeDecodeError):
-        values = yaml.safe_load((run_dir / "logs/csv/hparams.yaml").read_text())
-        return values if isinstance(values, dict) else {}
-    return {}
 
 
 def nofollow(path: str, flags: int) -> int:

@@ -38,20 +38,20 @@ def resume(fabric: Fabric, cfg: Any, state: dict, steps_per_epoch: int, lr: floa
         fabric.print(f"best.ckpt so far followed the {old}; from now on it follows the {new}")
         state["best"], state["patience"] = rule, patience
     stopped_early = out_of_patience(state, cfg.log) if offset == 0 else ""
-    if stopped_early or epoch >= epochs:
-        early = f"ran out of patience at epoch {epoch}: {stopped_early}"
-        why = early if stopped_early else f"already finished its {epochs} epochs"
-        if checkpoint.name != "final.ckpt":  # stopped right after that epoch's checkpoint
-            fabric.print(f"The run {why}; finishing the run")
-            return True
-        more = "--early_stopping_patience" if stopped_early else "--epochs"
-        fabric.print(f"The run {why}; pass a larger {more} to train further.")
-        return False
-    return True
+    if not stopped_early and epoch < epochs:
+        return True
+    early = f"ran out of patience at epoch {epoch}: {stopped_early}"
+    why = early if stopped_early else f"already finished its {epochs} epochs"
+    if checkpoint.name != "final.ckpt":  # stopped right after that epoch's checkpoint
+        fabric.print(f"The run {why}; finishing the run")
+        return True
+    more = "--early_stopping_patience" if stopped_early else "--epochs"
+    fabric.print(f"The run {why}; pass a larger {more} to train further.")
+    return False
 
 
 def flat(config: dict) -> dict:
-    groups = {g: d for g, d in config.items() if isinstance(d, dict)}
-    return {f"{g}.{k}": v for g, d in groups.items() for k, v in d.items()} | {
-        k: v for k, v in config.items() if k not in groups
-    }
+    out = {}
+    for k, v in config.items():
+        out |= {f"{k}.{n}": x for n, x in v.items()} if isinstance(v, dict) else {k: v}
+    return out

@@ -3,6 +3,7 @@ stop; one CPU sync per log step."""
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import asdict
 from typing import Any
@@ -10,13 +11,12 @@ from typing import Any
 import torch
 from lightning.fabric import Fabric
 from lightning.fabric.utilities.throughput import ThroughputMonitor
+from tqdm import tqdm
 
 import task
 from machinery import debug
 from machinery.checkpoints import newest_checkpoint, save_checkpoint, wait_for_checkpoints
-from machinery.curves import draw_curves
 from machinery.errors import NonFiniteLoss, UsageError
-from machinery.progress import Progress
 from machinery.rundir import create_run_dir
 from machinery.signals import StopSignals, stop_after_signal
 
@@ -24,7 +24,7 @@ from machinery.signals import StopSignals, stop_after_signal
 class Run(contextlib.ExitStack):
     """`with Run(...) as run:` around the loop; `steps` per epoch."""
 
-    def __init__(self, fabric: Fabric, cfg: Any, state: dict, steps: int, batch: Any, info: Any):
+    def __init__(self, fabric: Fabric, cfg: Any, state: dict, steps: int):
         super().__init__()
         self.fabric, self.cfg, self.state, self.steps_per_epoch = fabric, cfg, state, steps
         self.batch_size, self.accum_steps = cfg.optim.micro_batching(fabric.world_size)
@@ -42,8 +42,6 @@ class Run(contextlib.ExitStack):
             fabric.print(
                 f"note: fewer steps than --log_interval {self.log_every}: no train/* logged"
             )
-        flops = debug.training_flops(cfg.arch, info, batch)
-        self.flops = flops and flops * self.accum_steps * self.log_every
         if not cfg.resume:
             derived = dict(world_size=fabric.world_size, lr_used=cfg.optim.learning_rate())
             derived.update(batch_size_per_device=self.batch_size, grad_accum_steps=self.accum_steps)
@@ -53,7 +51,8 @@ class Run(contextlib.ExitStack):
         self.throughput = ThroughputMonitor(fabric, window_size=3)  # over 2 log intervals
         self.start, self.start_step = time.perf_counter(), state["global_step"]
         total = cfg.epochs() * steps
-        self.progress = self.enter_context(Progress(fabric, total, state["global_step"]))
+        devnull = self.enter_context(open(os.devnull, "w"))  # noqa: SIM115 - tqdm, never drawn: its ETA
+        self.bar = self.enter_context(tqdm(total=total, initial=state["global_step"], file=devnull))
         self.stop = self.enter_context(StopSignals(cfg.time_budget(), self.log_every))
 
     def track(self, **scalars: torch.Tensor) -> None:
@@ -65,7 +64,7 @@ class Run(contextlib.ExitStack):
     def log_step(self, epoch: int, lr: float) -> None:
         state, fabric = self.state, self.fabric
         state["summed_steps"] += 1
-        self.progress.bar.update()
+        self.bar.update()
         step = state["global_step"]
         if step % self.log_every:
             return
@@ -79,13 +78,16 @@ class Run(contextlib.ExitStack):
         steps, seconds = step - self.start_step, time.perf_counter() - self.start
         samples = steps * self.batch_size * self.accum_steps
         # The window drops the first update (short after a resume).
-        self.throughput.update(time=seconds, batches=steps, samples=samples, flops=self.flops)
+        self.throughput.update(time=seconds, batches=steps, samples=samples)
         speed = self.throughput.compute().items()
-        speed = {k: v for k, v in speed if k.endswith(("_per_sec", "mfu"))}
+        speed = {k: v for k, v in speed if k.endswith("_per_sec")}
         logged = {f"train/{name}": value for name, value in logged.items()}
         fabric.log_dict({**logged, "lr": lr, "epoch": epoch + 1, **speed}, step=step)
-        samples_per_s = speed.get("device/samples_per_sec", samples / seconds) * fabric.world_size
-        self.progress.log(epoch + 1, step, logged.get("train/loss", math.nan), lr, samples_per_s)
+        rate = speed.get("device/samples_per_sec", samples / seconds) * fabric.world_size
+        eta = self.bar.format_meter(**{**self.bar.format_dict, "bar_format": "{remaining}"})
+        loss = logged.get("train/loss", math.nan)
+        line = f"epoch {epoch + 1} step {step}/{self.bar.total} loss {loss:.4f} lr {lr:.3g}"
+        fabric.print(f"{line} {rate:.0f} samples/s eta {eta}", flush=True)
         state["sums"], state["summed_steps"] = {}, 0
 
     def save_if_due(self) -> None:
@@ -101,7 +103,7 @@ class Run(contextlib.ExitStack):
         val = scalars(val)
         fabric.log_dict({**{f"val/{k}": v for k, v in val.items()}, "epoch": epoch + 1}, step=step)
         shown = " ".join(f"val {name} {value:.4f}" for name, value in val.items())
-        self.progress.write(f"epoch {epoch + 1}/{cfg.epochs()} step {step} {shown}")
+        fabric.print(f"epoch {epoch + 1}/{cfg.epochs()} step {step} {shown}", flush=True)
         score = val[best["metric"].removeprefix("val/")]
         count_patience(state["patience"], score, best["mode"], cfg.log.early_stopping_min_delta)
         self.stopped_early = fabric.broadcast(out_of_patience(state, cfg.log))
@@ -129,8 +131,6 @@ class Run(contextlib.ExitStack):
         # The record's end first: a stop before final.ckpt redoes it.
         memory = debug.memory_per_process(state["model"], state["optimizer"], fabric.device)
         fabric.log_dict({f"memory/{k}": v for k, v in memory.items()}, step=state["global_step"])
-        if fabric.is_global_zero:
-            draw_curves(self.run_dir, best["metric"], best["mode"])
         self.save("final.ckpt")
         wait_for_checkpoints(fabric)
         step, seconds = state["global_step"], time.perf_counter() - self.start
@@ -158,6 +158,8 @@ class Run(contextlib.ExitStack):
         if cfg.debug.overfit_batches:
             samples = self.steps_per_epoch * optim.eff_batch_size
             where += f" | --overfit_batches: the same {samples} samples to train and validate on"
+        if "stream" in self.state:
+            where += " | streamed: the batches depend on the world size and --num_workers"
         params = sum(p.numel() for p in self.state["model"].parameters())
         ema = f" of the EMA weights (decay {optim.ema_decay:g})" if optim.ema_decay else ""
         return (

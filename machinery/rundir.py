@@ -21,8 +21,7 @@ PERIODIC = re.compile(r"^step-(\d+)\.ckpt$")
 
 def periodic_checkpoints(ckpt_dir: Path) -> list[Path]:
     found = [(int(m[1]), p) for p in ckpt_dir.glob("step-*.ckpt") if (m := PERIODIC.match(p.name))]
-    found = [(step, p) for step, p in found if not p.is_symlink()]  # never this run's
-    return [p for _, p in sorted(found)]
+    return [p for _, p in sorted(found) if not p.is_symlink()]  # a link: never this run's
 
 
 def is_checkpoint(path: Path) -> bool:

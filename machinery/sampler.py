@@ -45,39 +45,35 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
 
 def make_loaders(fabric: Any, cfg: Any, train: Any, val: Dataset, fast: Any) -> tuple:
-    """(sampler, train loader, val loader). A streamed (iterable) training set gets litdata's
-    loader, whose batches depend on the world size; map-style data the GlobalBatchSampler."""
-    (batch_size, accum), workers = (
+    """(sampler, train loader, val loader): map-style data gets the GlobalBatchSampler, streamed
+    (iterable) data litdata's loader, whose batches depend on the world size."""
+    (size, accum), rank, world = (
         cfg.optim.micro_batching(fabric.world_size),
-        cfg.hardware.num_workers,
-    )
-    rank, world_size, streamed = (
         fabric.global_rank,
         fabric.world_size,
-        isinstance(train, IterableDataset),
     )
-    if streamed:
+    if streamed := isinstance(train, IterableDataset):
         from machinery.stream import StreamedBatches
 
-        sampler = loader_ = StreamedBatches(fabric, train, batch_size, accum, cfg, fast)
+        sampler = StreamedBatches(fabric, train, size, accum, cfg, fast)
     else:
-        sizes = (cfg.optim.eff_batch_size, batch_size, rank, world_size, cfg.seed, fast)
+        sizes = (cfg.optim.eff_batch_size, size, rank, world, cfg.seed, fast)
         sampler = GlobalBatchSampler(len(train), *sizes)
     if sampler.steps_per_epoch == 0:
-        samples = len(train) * (world_size if streamed else 1)
         raise UsageError(
-            f"--eff_batch_size {cfg.optim.eff_batch_size} is larger than the "
-            f"{samples} training samples: no full batch fits in an epoch"
+            f"--eff_batch_size {cfg.optim.eff_batch_size} is larger than the training split: "
+            "no full batch fits in an epoch"
         )
     if len(val) == 0:
         problem = f"--dataset {cfg.data.dataset}: the validation split is empty; use more data"
         raise UsageError(problem)
-    val_loader = make_eval_loader(val, batch_size, rank, world_size, workers)
-    if streamed:
-        return sampler, loader_, fabric.setup_dataloaders(val_loader, use_distributed_sampler=False)
-    train_loader = make_train_loader(train, sampler, workers)
-    loaders = fabric.setup_dataloaders(train_loader, val_loader, use_distributed_sampler=False)
-    return sampler, *loaders
+    workers = cfg.hardware.num_workers
+    loaders = [sampler.loader if streamed else make_train_loader(train, sampler, workers)]
+    loaders += [make_eval_loader(val, size, rank, world, workers)]
+    train_loader, val_loader = fabric.setup_dataloaders(*loaders, use_distributed_sampler=False)
+    if streamed:  # its own iterator: a whole epoch or the rest of one
+        sampler.train, train_loader = train_loader, sampler
+    return sampler, train_loader, val_loader
 
 
 def make_train_loader(dataset: Dataset, sampler: Sampler, num_workers: int) -> DataLoader:

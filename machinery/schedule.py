@@ -10,14 +10,14 @@ def lr_schedule(
     """From step `start`: a warmup from start_factor x lr, then a cosine."""
     end = epochs * steps_per_epoch
     warmup_steps = min(round(cfg.warmup * steps_per_epoch), end - start)
-    return {
-        "epochs": epochs,
-        "warmup_epochs": cfg.warmup,
-        "start": start,
-        "start_factor": start_factor,
-        "warmup_steps": warmup_steps,
-        "end": end,
-    }
+    return dict(
+        epochs=epochs,
+        warmup_epochs=cfg.warmup,
+        start=start,
+        start_factor=start_factor,
+        warmup_steps=warmup_steps,
+        end=end,
+    )
 
 
 def lr_factor(step: int, schedule: dict[str, Any]) -> float:

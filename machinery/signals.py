@@ -77,10 +77,10 @@ def stop_after_signal(fabric: Fabric, signum: int, checkpoint: Path) -> NoReturn
     checkpoints.wait_for_checkpoints(fabric)
     stopped = Preempted(signum)
     if fabric.global_rank == 0:
-        step, run_dir = checkpoints.checkpoint_step(checkpoint), checkpoint.parent.parent
+        step = checkpoints.checkpoint_step(checkpoint)
         print(
             f"Stopped by {stopped} at step {step}: {checkpoint} saved. "
-            f"Continue with: python train.py --resume {run_dir}",
+            f"Continue with: python train.py --resume {checkpoint.parent.parent}",
             flush=True,
         )
         fabric.logger.finalize("failed")

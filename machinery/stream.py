@@ -5,7 +5,6 @@ import json
 import math
 import os
 import threading
-import zlib
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import torch
 from torch.utils.data import Subset
 
+from machinery.checkpoints import crc32
 from machinery.errors import UsageError
 
 SAFE = {"int", "float", "bool", "str", "bytes", "json", "tensor", "no_header_tensor", "numpy"}
@@ -20,7 +20,7 @@ CONVERT = "convert a dataset with tools/stream.py"
 
 
 def open_splits(root: str, transform: Any) -> dict[str, Any]:
-    """train streamed, val and test in order, info a dict: or one line if `root` is not an intact
+    """train streamed, val and test in order, info a dict; one line if `root` is not an intact
     conversion or gives no answer in $STREAM_TIMEOUT_S seconds (60)."""
     remote, seconds, found = "://" in root, os.environ.get("STREAM_TIMEOUT_S", "60"), {}
     if not remote and not Path(root, "checksums.json").is_file():
@@ -41,19 +41,16 @@ def open_splits(root: str, transform: Any) -> dict[str, Any]:
     thread.join(int(seconds) if seconds.isdigit() else 60)
     if thread.is_alive():
         raise UsageError(f"--data_dir {root}: no answer in {seconds} s; check the URL")
-    if isinstance(err := found.get("error"), UsageError):
-        raise err
-    if err:
-        raise UsageError(f"--data_dir {root}: {' '.join(str(err).split())[:200]}")
-    for name, expected in (
-        {} if remote else json.loads(Path(root, "checksums.json").read_text()).items()
-    ):
-        path, crc = Path(root, name), 0
-        with path.open("rb") as f:
-            while block := f.read(1 << 20):
-                crc = zlib.crc32(block, crc)
-        if crc != expected:
-            raise UsageError(f"--data_dir: {path} fails its checksum: damaged; convert it again")
+    if err := found.get("error"):
+        why = " ".join(str(err).split())[:200]  # one line
+        raise err if isinstance(err, UsageError) else UsageError(f"--data_dir {root}: {why}")
+    try:
+        sums = {} if remote else dict(json.loads(Path(root, "checksums.json").read_text()))
+        bad = [name for name, crc in sums.items() if crc32(Path(root, name)) != crc]
+    except (ValueError, TypeError):
+        bad = ["checksums.json"]
+    if bad:
+        raise UsageError(f"--data_dir {root}: {bad[0]} fails its checksum; convert it again")
     return found
 
 
@@ -61,7 +58,7 @@ def dataset(where: str, transform: Any) -> Any:
     from litdata import StreamingDataset
 
     train, remote = where.endswith("/train"), "://" in where
-    length = 0 if remote else checked_length(where, Path(where))  # before litdata parses it
+    length = remote or checked_length(where, Path(where))  # before litdata parses it
     data = StreamingDataset(where, shuffle=train, drop_last=train or None, transform=transform)
     if remote:  # litdata fetched it into its cache
         length = checked_length(where, Path(data.input_dir.path))
@@ -85,8 +82,7 @@ def checked_length(where: str, folder: Path) -> int:
 
 
 class StreamedBatches:
-    """Training batches by litdata's StreamingDataLoader. Each rank (and worker) reads chunks of
-    its own: the batches depend on the world size and workers, unlike the map-style path's."""
+    """litdata's StreamingDataLoader: each rank (and worker) reads chunks of its own."""
 
     def __init__(self, fabric: Any, data: Any, batch_size: int, accum: int, cfg: Any, fast: Any):
         from litdata import StreamingDataLoader
@@ -98,7 +94,6 @@ class StreamedBatches:
         )
         steps = min(len(self.loader) // accum, fast or math.inf)  # ranks may differ by a batch
         self.steps_per_epoch = int(fabric.all_reduce(float(steps), reduce_op="min"))
-        self.train = fabric.setup_dataloaders(self.loader, use_distributed_sampler=False)
         self.accum, self.eff_batch_size = accum, batch_size * accum * fabric.world_size
         self.set_position(0)
 

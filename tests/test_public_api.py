@@ -1,4 +1,4 @@
-"""The runtime code uses the public APIs of Lightning, torch and tqdm, but for the private symbols
+"""The runtime code uses the public APIs of Lightning, litdata, torch and tqdm, but for the private symbols
 listed in ALLOWED, each with the reason no public API serves at its place of use. (Generic tier.)"""
 
 import ast
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-LIBRARIES = ("lightning", "lightning_utilities", "torch", "tqdm")
+LIBRARIES = ("lightning", "lightning_utilities", "litdata", "torch", "tqdm")
 # (file, private name): read_sharded rebuilds a sharded checkpoint's nesting from its .metadata, which
 # torch's public DCP loader only does into a state dict of known structure.
 ALLOWED = {("machinery/checkpoints.py", "_load_distributed_checkpoint")}

@@ -1,7 +1,6 @@
 """The README and the docs pages cannot drift from the code: their commands run, and their flag
 tables are the config's docstrings."""
 
-import importlib
 import re
 import shlex
 from pathlib import Path
@@ -11,19 +10,19 @@ from conftest import REPO, run_cli, run_script
 
 from config import TestConfig, TrainConfig
 from machinery.cli import make_parser
+from tests.flags import flag_reference
 from tests.test_digits import write_tiny_mnist
-from tools.flags import flag_reference
 
 pytestmark = pytest.mark.slow
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]  # the order the commands run in
 CONFIGURATION = REPO / "docs" / "configuration.md"  # the page with the flag tables
-COMMAND = re.compile(r"python (train\.py|test\.py|tools/compare\.py)\b")
+COMMAND = re.compile(r"python (train\.py|test\.py|tools/stream\.py)\b")
 RUN_DIR_PLACEHOLDER = re.compile(r"^(RUN_DIR|runs/\d{8}-\d{6}-run)$")
 CHECKPOINT_PLACEHOLDER = re.compile(r"^(RUN_DIR|runs/\d{8}-\d{6}-run)/checkpoints/step-\d+\.ckpt$")
 
 
 def page_commands(page: Path) -> list[str]:
-    """Every `python train.py|test.py|tools/compare.py ...` line of a page's bash blocks, except
+    """Every `python train.py|test.py|tools/stream.py ...` line of a page's bash blocks, except
     those marked `# not run here`."""
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", page.read_text(), re.DOTALL):
@@ -35,15 +34,6 @@ def page_commands(page: Path) -> list[str]:
             if COMMAND.match(line):
                 commands.append(line)
     return commands
-
-
-def run_compare(*args: str) -> int:
-    """`python tools/compare.py ...` in this process; returns its exit code."""
-    try:
-        importlib.import_module("tools.compare").cli(list(args))
-    except SystemExit as exit:
-        return exit.code
-    return 0
 
 
 def test_every_command_of_the_readme_and_docs_runs(tmp_path, capsys):
@@ -62,26 +52,16 @@ def test_every_command_of_the_readme_and_docs_runs(tmp_path, capsys):
             else a
             for a in args
         ]
+        streamed = script == "tools/stream.py" or "streamed" in args
+        if streamed:  # converted chunks: in tmp_path
+            args = [str(tmp_path / a) if a.startswith("data/") else a for a in args]
         if script == "train.py":
             args += ["--root_dir", str(runs), "--fast_run"]  # later flags win
-            if "--dataset" in args:
+            if "--dataset" in args and not streamed:
                 args += ["--data_dir", str(tmp_path / "data")]
-        if script == "tools/compare.py":  # runs/*-seeds: the runs made so far; figures: tmp_path
-            args = [
-                str(p)
-                for a in args
-                for p in (sorted(runs.glob(a.removeprefix("runs/"))) if "*" in a else [a])
-            ]
-            args = [str(tmp_path / a) if a.endswith(".png") else a for a in args]
-            one_run = len(args) == 1 and Path(args[0]).is_dir()  # its curves.png is redrawn
-            if one_run:
-                (Path(args[0]) / "curves.png").unlink(missing_ok=True)
-            assert run_compare(*args) == 0, (command, capsys.readouterr())
-            assert all(Path(a).is_file() for a in args if a.endswith(".png")), command
-            assert not one_run or (Path(args[0]) / "curves.png").is_file(), command
-            continue
-        # Several processes, or wandb's service process: a real command. The rest in this process.
-        if "--devices" in args or "wandb" in args:
+        # Several processes, wandb's service process or the converter: a real command. The rest in
+        # this process.
+        if "--devices" in args or "wandb" in args or script == "tools/stream.py":
             result = run_script(script, *args)
             assert result.returncode == 0, (command, result.stderr[-2000:])
         else:
@@ -96,7 +76,7 @@ def test_every_command_of_the_readme_and_docs_runs(tmp_path, capsys):
 def test_flag_tables_are_generated_from_the_config():
     page = CONFIGURATION.read_text()
     block = page.split("<!-- flags:begin")[1].split("-->", 1)[1].split("<!-- flags:end -->")[0]
-    assert block.strip() == flag_reference(), "regenerate with: python tools/flags.py"
+    assert block.strip() == flag_reference(), "regenerate with: python tests/flags.py"
 
 
 @pytest.mark.parametrize("config_class", [TrainConfig, TestConfig])

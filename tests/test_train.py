@@ -6,7 +6,6 @@ import json
 import math
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -86,9 +85,6 @@ def test_every_scalar_metric_of_the_task_is_logged_printed_plotted_and_tested(fo
         f"val mae {float(val[-1]['val/mae']):.4f} val mse {float(val[-1]['val/mse']):.4f}"
     )
     assert last_epoch_line in result.stdout
-    assert_real_png(
-        run_dir / "curves.png", min_width=2000
-    )  # loss, val/mae, val/mse and lr: 4 panels of 500 px
 
     test = fork.run("test.py", "--out_dir", str(run_dir))
     assert test.returncode == 0, test.stderr
@@ -151,7 +147,7 @@ def test_output_to_a_file_gets_plain_progress_lines(toy_run):
     assert "\r" not in result.stdout + result.stderr  # no redrawn bar
 
 
-def test_a_terminal_gets_a_progress_bar(fork, tmp_path):
+def test_a_terminal_gets_the_same_progress_lines(fork, tmp_path):
     import fcntl
     import os
     import pty
@@ -181,27 +177,19 @@ def test_a_terminal_gets_a_progress_bar(fork, tmp_path):
     assert proc.wait() == 0
     text = output.decode(errors="replace")
     total = 2 * steps_per_epoch(only_run_dir(tmp_path))
-    assert (
-        "train:" in text
-        and f"{total}/{total}" in text
-        and "samples_per_s=" in text
-        and "\r" in text
-    )
-    assert "epoch 1 step 10/" not in text  # no plain lines in a terminal
+    assert f"epoch 2 step {total}/{total} loss " in text and "eta 00:00" in text
+    assert "train:" not in text and "\r\r" not in text  # no bar redrawn over itself
 
 
-def test_curves_are_redrawn_after_a_resume_from_the_whole_run(fork, tmp_path):
+def test_an_extended_run_logs_the_validations_of_both_parts(fork, tmp_path):
     run_dir = fork.train(tmp_path, "--epochs", "2")
-    first = (run_dir / "curves.png").read_bytes()
     assert fork.call("train.py", "--resume", str(run_dir), "--epochs", "3").returncode == 0
-    assert (run_dir / "curves.png").read_bytes() != first
     per_epoch = steps_per_epoch(run_dir)
     assert [int(row["step"]) for row in csv_rows(run_dir) if row["val/mae"]] == [
         per_epoch,
         2 * per_epoch,
         3 * per_epoch,
     ]  # both parts
-    assert_real_png(run_dir / "curves.png")
 
 
 def test_test_py_evaluates_the_weights_it_is_asked_for(fork, toy_run):
@@ -395,22 +383,6 @@ def test_a_mistake_in_the_task_code_fails_before_the_run_directory_is_created(fo
     result = run_script("train.py", "--root_dir", str(tmp_path / "runs"), cwd=broken)
     assert result.returncode == 1 and "KeyError: 'feature'" in result.stderr
     assert not (tmp_path / "runs").exists()
-
-
-def test_flops_that_cannot_be_counted_are_a_warning_not_a_crash(fork, tmp_path):
-    # A data-dependent Python branch in the user's code: fine on real tensors, impossible on the meta device.
-    own = variant(
-        fork,
-        tmp_path / "own",
-        "task.py",
-        "    return F.mse_loss(preds, target), preds, target",
-        "    if not torch.isfinite(preds).all():\n        raise ValueError('non-finite predictions')\n"
-        "    return F.mse_loss(preds, target), preds, target",
-    )
-    result = run_script("train.py", "--root_dir", str(tmp_path / "runs"), "--fast_run", cwd=own)
-    assert result.returncode == 0, result.stderr
-    assert "no FLOPs/s or MFU: the FLOPs cannot be counted on the meta device" in result.stderr
-    assert (only_run_dir(tmp_path / "runs") / "checkpoints" / "final.ckpt").is_file()
 
 
 def test_a_resume_that_changes_the_monitor_mode_starts_best_ckpt_over(fork, tmp_path):
@@ -848,68 +820,6 @@ def test_detect_anomaly_and_deterministic_switch_pytorch_modes_on(monkeypatch):
     assert modes == (True, True, False) and workspace == ":4096:8"
     set_debug_modes(DebugConfig())
     assert not torch.is_anomaly_enabled() and not torch.are_deterministic_algorithms_enabled()
-
-
-def test_compare_py_compares_runs_and_aggregates_seeds_of_one_recipe(fork, tmp_path):
-    args = ["--epochs", "3", "--num_samples", "150", "--eff_batch_size", "8", "--log_interval", "2"]
-    # Runs that share an --out_dir are seeds of one recipe.
-    seeds = [
-        fork.train(
-            tmp_path / "runs", *args, "--lr", "0.003", "--seed", str(seed), "--out_dir", "seeds"
-        )
-        for seed in (1, 2, 3)
-    ]
-    other = fork.train(tmp_path / "runs", *args, "--lr", "0.01", "--devices", "1")
-    out = tmp_path / "figures" / "comparison.png"
-    result = fork.run(
-        "tools/compare.py", *map(str, [*seeds, other, seeds[0]]), "--out", str(out)
-    )  # one run given twice
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert lines[0].split() == [
-        "recipe",
-        "runs",
-        "best",
-        "val/mae",
-        "train/loss",
-        "val/loss",
-        "val/mae",
-        "val/mse",
-    ]
-    assert lines[-1] == f"Wrote {out}"
-    rows = {line.split("  ")[0].strip(): line for line in lines[1:3]}
-    assert set(rows) == {"seeds", "run"}
-
-    def logged(run: Path, key: str) -> list[float]:
-        return [float(row[key]) for row in csv_rows(run) if row[key]]
-
-    best = [min(logged(run, "val/mae")) for run in seeds]
-    last_loss = [logged(run, "train/loss")[-1] for run in seeds]
-    for values in (best, last_loss):
-        assert f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}" in rows["seeds"]
-    assert f"{min(logged(other, 'val/mae')):.4f}" in rows["run"] and "±" not in rows["run"]
-    assert_real_png(out, min_width=1000)  # 4 panels: train/loss, val/loss, val/mae, val/mse
-
-    refused = fork.run("tools/compare.py", str(seeds[0]), str(tmp_path))
-    assert refused.returncode == 4 and refused.stderr.strip() == (
-        f"error: No such file or directory: {tmp_path / 'logs/csv/metrics.csv'}"
-    )
-
-    (other / "curves.png").unlink()  # one run: its curves.png, redrawn from its CSV log
-    redrawn = fork.run("tools/compare.py", str(other))
-    assert redrawn.returncode == 0, redrawn.stderr
-    assert redrawn.stdout.strip() == f"Wrote {other / 'curves.png'}"
-    assert_real_png(other / "curves.png")
-
-    # Hand-damaged files are read around: hparams.yaml not YAML, or of odd types; a word for a number.
-    csv_file = other / "logs" / "csv" / "metrics.csv"
-    columns = csv_file.read_text().splitlines()[0].count(",")
-    csv_file.write_text(csv_file.read_text() + "999," + ",".join(["abc"] * columns) + "\n")
-    for hparams in ("monitor_used: [unclosed\n", "monitor_used: [1]\nmonitor_mode_used: 3\n"):
-        (other / "logs" / "csv" / "hparams.yaml").write_text(hparams)
-        read_around = fork.run("tools/compare.py", str(other), str(seeds[0]), "--out", str(out))
-        assert read_around.returncode == 0 and not read_around.stderr, read_around.stderr
-        assert read_around.stdout.split()[:4] == ["recipe", "runs", "best", "val/loss"]
 
 
 def test_a_gradient_norm_added_in_train_py_is_logged_as_train_grad_norm(tmp_path):

@@ -1,10 +1,8 @@
-"""python tools/stream.py --dataset NAME --out DIR: a dataset of data.py as litdata chunks for
-`train.py --dataset streamed --data_dir DIR`. DIR/checksums.json comes last: without it, the
-conversion is incomplete."""
+"""python tools/stream.py --dataset NAME --out DIR: a dataset of data.py as litdata chunks, for
+train.py --dataset streamed --data_dir DIR. checksums.json last: without it, it is incomplete."""
 
 import json
 import sys
-import zlib
 from functools import partial
 from pathlib import Path
 
@@ -22,7 +20,7 @@ def sample(dataset: object, index: int) -> dict:
 
 def main() -> None:
     parser = ArgumentParser(description=__doc__)
-    parser.add_arguments(DataConfig, dest="data")  # train.py's data flags: --dataset NAME, ...
+    parser.add_arguments(DataConfig, dest="data")  # train.py's data flags
     parser.add_argument("--out", type=Path, required=True, help="a new or empty folder")
     parser.add_argument("--seed", type=int, default=0, help="which samples become val (10%%)")
     parser.add_argument("--chunk_bytes", default="64MB", help="e.g. 64KB for a small test set")
@@ -32,13 +30,15 @@ def main() -> None:
         problems.append("--dataset streamed is streamed already")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         problems.append(f"--out {out} is not a new or empty folder; nothing is overwritten")
-    with exit_on_usage_error():  # one line; e.g. cifar10's files are not in --data_dir
+    with exit_on_usage_error():  # one line
         if problems:
             raise UsageError(*problems)
         from data import load_splits
 
         *splits, meta = load_splits(args.data, args.seed)
     import litdata
+
+    from machinery.checkpoints import crc32
 
     images = splits[0]  # an ImageTensorDataset: uint8 images, normalised as read
     info = dict(num_classes=meta.num_classes, in_channels=meta.in_channels, scale=images.stats[2])
@@ -51,7 +51,7 @@ def main() -> None:
             make, list(range(len(split))), str(out / name), args.chunk_bytes, num_workers=1
         )
     files = sorted(p for p in out.rglob("*") if p.is_file())
-    sums = {str(p.relative_to(out)): zlib.crc32(p.read_bytes()) for p in files}
+    sums = {str(p.relative_to(out)): crc32(p) for p in files}
     (out / "checksums.json").write_text(json.dumps(sums, indent=1))
     print(f"{args.data.dataset} -> {out}: train.py --dataset streamed --data_dir {out}")
 

@@ -1,4 +1,4 @@
-"""python tools/flags.py: docs/configuration.md's flag tables, from --help (test_readme.py)."""
+"""python tests/flags.py: docs/configuration.md's flag tables, from --help (test_readme.py)."""
 
 import sys
 from dataclasses import fields, is_dataclass
