@@ -583,6 +583,23 @@ def factor_at(warmup_steps: int, total_steps: int, step: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / (total_steps - warmup_steps)))
 
 
+def test_a_new_code_patch_never_replaces_one_of_another_launch(tmp_path, monkeypatch):
+    from machinery import provenance
+
+    def git(*args: str) -> str:  # a checkout with uncommitted changes
+        return "0123abcd\n" if args[0] == "rev-parse" else f"diff of launch at {len(calls)}\n"
+
+    calls = []
+    monkeypatch.setattr(provenance, "git", lambda *args: calls.append(args) or git(*args))
+    provenance.record_provenance(tmp_path, 0, 1, {})
+    (tmp_path / "code-1.patch").write_text("another launch's\n")  # its entry never made it
+    provenance.record_provenance(tmp_path, 40, 1, {})
+    entries = yaml.safe_load((tmp_path / "provenance.yaml").read_text())
+    assert [e["uncommitted_changes"] for e in entries] == ["code-0.patch", "code-2.patch"]
+    assert (tmp_path / "code-1.patch").read_text() == "another launch's\n"
+    assert (tmp_path / "code-0.patch").read_text() != (tmp_path / "code-2.patch").read_text()
+
+
 def test_every_run_records_its_provenance_and_test_py_names_it(fork, tmp_path):
     checkout = (
         tmp_path / "checkout"
