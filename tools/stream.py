@@ -47,9 +47,8 @@ def main() -> None:
     for name, split in zip(("train", "val", "test", "info"), (*splits, [info])):
         make = partial(sample, split) if name != "info" else {0: info}.get
         # One worker: the same files each time.
-        litdata.optimize(
-            make, list(range(len(split))), str(out / name), args.chunk_bytes, num_workers=1
-        )
+        where, size = str(out / name), args.chunk_bytes
+        litdata.optimize(make, list(range(len(split))), where, chunk_bytes=size, num_workers=1)
     files = sorted(p for p in out.rglob("*") if p.is_file())
     sums = {str(p.relative_to(out)): crc32(p) for p in files}
     (out / "checksums.json").write_text(json.dumps(sums, indent=1))
