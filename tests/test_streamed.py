@@ -230,9 +230,9 @@ def test_bad_data_is_one_line_and_leaves_the_runs_alone(data, tmp_path):
         / "missing": r"--data_dir \S+/missing: no such directory; convert a dataset with tools/stream.py",
         tmp_path
         / "empty": r"--data_dir \S+/empty: no checksums.json in it; convert a dataset with tools/stream.py",
-        mosaic: r"\S+/mosaic/info/index.json is not litdata's; convert with tools/stream.py",
+        mosaic: r"\S+/mosaic/info/index.json is not litdata's; convert a dataset with tools/stream.py",
         pickled: r"\S+/pickled/info/index.json: refused, its items need \['pickle'\] to load",
-        other: rf"--data_dir: \S+/{damaged.name} fails its checksum: damaged; convert it again",
+        other: rf"--data_dir \S+/other: train/{damaged.name} fails its checksum; convert it again",
     }
     runs = tmp_path / "runs"
     earlier = train(tmp_path / "earlier", data, "--fast_run")[
