@@ -45,7 +45,6 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import machinery.progress  # noqa: E402
 import machinery.run  # noqa: E402
 import machinery.sampler  # noqa: E402
 import train  # noqa: E402
@@ -96,7 +95,7 @@ def run_raw(epochs: int, fused: bool = True) -> dict[str, Any]:
 
 
 def run_template(epochs: int, extra_args: tuple[str, ...] = ()) -> dict[str, Any]:
-    """train.py's main() as it is. Only observed: the progress's update() marks each optimizer step's end,
+    """train.py's main() as it is. Only observed: Run.log_step marks each optimizer step's end,
     the training DataLoader's iterator is timed, and so are the checkpoint saves."""
     stamps, data_wait, saves = [], [0.0], []
 
