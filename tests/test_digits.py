@@ -95,7 +95,7 @@ def test_bad_values_are_all_reported_at_once_through_a_real_process(tmp_path):
     assert sorted(result.stderr.strip().splitlines()) == sorted(
         [
             "error: --logger_name 'foo' is not one of: csv, tensorboard, wandb",
-            "error: --dataset 'imagenet' is not one of: digits, mnist, fashion_mnist, cifar10, synthetic_cifar10",
+            "error: --dataset 'imagenet' is not one of: digits, mnist, fashion_mnist, cifar10, synthetic_cifar10, streamed",
             "error: --model 'resnet9000' is not one of: cnn, resnet18_cifar, or a torchvision classification model (e.g. "
             "resnet18, vit_b_16)",
             "error: --lr -1.0 must be > 0",
