@@ -51,7 +51,7 @@ class Run(contextlib.ExitStack):
         self.throughput = ThroughputMonitor(fabric, window_size=3)  # over 2 log intervals
         self.start, self.start_step = time.perf_counter(), state["global_step"]
         total = cfg.epochs() * steps
-        devnull = self.enter_context(open(os.devnull, "w"))  # noqa: SIM115 - tqdm, never drawn: its ETA
+        devnull = self.enter_context(open(os.devnull, "w"))  # noqa: SIM115 - for the ETA
         self.bar = self.enter_context(tqdm(total=total, initial=state["global_step"], file=devnull))
         self.stop = self.enter_context(StopSignals(cfg.time_budget(), self.log_every))
 
